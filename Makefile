@@ -1,0 +1,41 @@
+# Each target creates .venv and installs the pinned requirements once; it
+# re-installs only when a requirements file changes.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test unit integration lint format clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@touch $(STAMP)
+
+## run: start a local cluster (leader on 8000, five followers on 8001-8005)
+run: $(STAMP)
+	$(PY) cluster.py $(ARGS)
+
+## test: the whole suite: unit tests, then the integration suite against a local cluster
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+unit: $(STAMP)
+	$(PY) -m pytest tests $(ARGS)
+
+integration: $(STAMP)
+	$(PY) -m pytest test_integration.py $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

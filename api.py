@@ -1,0 +1,122 @@
+"""HTTP pieces that both roles share: the read routes and error bodies.
+
+Every error leaves a node as `{"error": "<one sentence>", "detail": ...}` with a
+4xx status, so a client never has to guess what it did wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from schemas import (
+    MAX_KEY_LENGTH,
+    ErrorResponse,
+    KeyList,
+    KeyValue,
+    Role,
+    StateResponse,
+)
+from store import VersionedStore
+
+KeyPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+        description="The key, URL-encoded: `/`, `?`, `%`, `#` and spaces are all allowed.",
+    ),
+]
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "The key is absent or deleted."}
+}
+
+
+def error_body(message: str, detail: Any = None) -> dict[str, Any]:
+    return ErrorResponse(error=message, detail=detail).model_dump()
+
+
+def summarise_validation(errors: list[Any]) -> str:
+    parts = []
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") == "json_invalid":
+            reason = error.get("ctx", {}).get("error", "invalid JSON")
+            parts.append(f"the body is not valid JSON ({reason} at position {loc[-1]})")
+        elif error.get("type") == "model_attributes_type" and loc == ("body",):
+            parts.append("the body must be a JSON object, sent with Content-Type: application/json")
+        else:
+            location = ".".join(str(part) for part in loc[1:] if loc) or "body"
+            parts.append(f"{location}: {error.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = list(exc.errors())
+        # The raw input can be a megabyte of JSON; the message and location say enough.
+        detail = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in errors]
+        return JSONResponse(error_body(summarise_validation(errors), detail), status_code=422)
+
+    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+
+
+def key_not_found(key: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=f"key {key!r} not found")
+
+
+def value_too_large(size: int, limit: int) -> HTTPException:
+    return HTTPException(
+        status_code=413,
+        detail=f"value is {size} bytes encoded as JSON; the limit is {limit} (MAX_VALUE_BYTES)",
+    )
+
+
+def read_router(store: VersionedStore, role: Role) -> APIRouter:
+    """`GET /keys/{key}`, `GET /keys` and `GET /state`, served by every node from its own store."""
+    router = APIRouter(tags=["reads"])
+
+    @router.get("/keys", response_model=KeyList, summary="List the live keys, sorted")
+    async def list_keys() -> KeyList:
+        keys = store.keys()
+        return KeyList(keys=keys, count=len(keys))
+
+    @router.get(
+        "/keys/{key:path}",
+        response_model=KeyValue,
+        responses=NOT_FOUND,
+        summary="Read one key",
+    )
+    async def read_key(key: KeyPath) -> KeyValue:
+        entry = store.get(key)
+        if entry is None:
+            raise key_not_found(key)
+        return KeyValue(key=entry.key, value=entry.value, version=entry.version)
+
+    @router.get(
+        "/state",
+        response_model=StateResponse,
+        summary="This node's whole store, for consistency checks",
+    )
+    async def state() -> StateResponse:
+        live = store.live_items()
+        return StateResponse(
+            role=role,
+            store={entry.key: entry.value for entry in live},
+            versions={entry.key: entry.version for entry in live},
+            last_version=store.last_version,
+        )
+
+    return router

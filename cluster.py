@@ -1,0 +1,334 @@
+"""Start a whole local cluster (a leader and N followers) as uvicorn processes.
+
+    python cluster.py                       # leader on 8000, followers on 8001-8005
+    python cluster.py --followers 3 --quorum 2 --max-delay-ms 200 --base-port 9000
+    python cluster.py --base-port 0         # free ports, printed at start-up
+
+Ctrl-C stops every process. The same :class:`LocalCluster` is what the tests and
+performance_analysis.py use when no running cluster is given, and it doubles as
+their fault injector: it can kill, restart, freeze (SIGSTOP) and thaw followers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_free(ports: list[int]) -> None:
+    """Refuse to start on a busy port, where /health might answer from someone else's server."""
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                raise RuntimeError(
+                    f"port {port} on {HOST} is in use; is another cluster running? "
+                    "Stop it, or pick other ports with --base-port"
+                ) from None
+
+
+def wait_healthy(
+    urls: list[str], timeout: float, processes: Sequence[subprocess.Popen[bytes]] = ()
+) -> None:
+    """Poll each URL's /health until it answers 200, or raise naming the ones that did not."""
+    deadline = time.monotonic() + timeout
+    waiting = list(urls)
+    with httpx.Client(timeout=1.0, trust_env=False) as client:
+        while waiting:
+            for process in processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{process.args!r} exited with code {process.returncode}")
+            try:
+                if client.get(f"{waiting[0]}/health").status_code == 200:
+                    waiting.pop(0)
+                    continue
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not healthy after {timeout:g} s: {', '.join(waiting)}")
+            time.sleep(0.05)
+
+
+@dataclass
+class Node:
+    role: str
+    port: int
+    env: dict[str, str]
+    log_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "uvicorn", f"{self.role}:app",
+            "--host", HOST, "--port", str(self.port),
+            "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+        # Without a log file the node writes to the launcher's terminal.
+        output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, **self.env},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                # Its own process group: a Ctrl-C in the terminal reaches only the
+                # launcher, which then stops every node in order.
+                start_new_session=True,
+            )
+        finally:
+            if self.log_path:
+                output.close()  # type: ignore[union-attr]
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the process this node started (by PID), escalating to SIGKILL."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen process cannot handle SIGTERM
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@dataclass
+class LocalCluster:
+    """A leader and `followers` followers on loopback, each a uvicorn process."""
+
+    followers: int = 5
+    quorum: int | None = None
+    min_delay_ms: float = 0
+    max_delay_ms: float = 1000
+    timeout_ms: float | None = None
+    base_port: int = 8000
+    secret: str | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    log_dir: Path | None = None
+    nodes: list[Node] = field(default_factory=list, init=False)
+
+    def _ports(self) -> list[int]:
+        if self.base_port == 0:
+            return [free_port() for _ in range(self.followers + 1)]
+        return [self.base_port + i for i in range(self.followers + 1)]
+
+    def _common_env(self) -> dict[str, str]:
+        env = dict(self.extra_env)
+        if self.secret is not None:
+            env["REPLICATION_SECRET"] = self.secret
+        return env
+
+    def start(self, timeout: float = 30.0) -> LocalCluster:
+        ports = self._ports()
+        ensure_free(ports)
+        leader_port, follower_ports = ports[0], ports[1:]
+        common = self._common_env()
+        leader_url = f"http://{HOST}:{leader_port}"
+        followers = [
+            Node(
+                "follower",
+                port,
+                {**common, "LEADER_URL": leader_url},
+                self._log("follower", i + 1),
+            )
+            for i, port in enumerate(follower_ports)
+        ]
+        leader_env = {
+            **common,
+            "FOLLOWERS": ",".join(node.url for node in followers),
+            "MIN_DELAY_MS": f"{self.min_delay_ms:g}",
+            "MAX_DELAY_MS": f"{self.max_delay_ms:g}",
+        }
+        if self.quorum is not None:
+            leader_env["WRITE_QUORUM"] = str(self.quorum)
+        if self.timeout_ms is not None:
+            leader_env["REPLICATION_TIMEOUT_MS"] = f"{self.timeout_ms:g}"
+        self.nodes = [
+            Node("leader", leader_port, leader_env, self._log("leader", 0)),
+            *followers,
+        ]
+        try:
+            for node in followers:
+                node.start()
+            wait_healthy(
+                [n.url for n in followers],
+                timeout,
+                [n.process for n in followers if n.process],
+            )
+            self.nodes[0].start()
+            wait_healthy(
+                [leader_url],
+                timeout,
+                [self.nodes[0].process] if self.nodes[0].process else [],
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _log(self, role: str, index: int) -> Path | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return self.log_dir / (f"{role}{index}.log" if role == "follower" else f"{role}.log")
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # -- addresses --------------------------------------------------------
+
+    @property
+    def leader_url(self) -> str:
+        return self.nodes[0].url
+
+    @property
+    def follower_urls(self) -> list[str]:
+        return [node.url for node in self.nodes[1:]]
+
+    # -- faults, by follower index (0-based) ------------------------------
+
+    def kill_follower(self, index: int) -> None:
+        """SIGKILL: the process and everything it held in memory are gone."""
+        self.nodes[index + 1].kill()
+
+    def restart_follower(self, index: int, timeout: float = 30.0) -> None:
+        node = self.nodes[index + 1]
+        node.stop()
+        node.start()
+        wait_healthy([node.url], timeout, [node.process] if node.process else [])
+
+    def pause_follower(self, index: int) -> None:
+        """SIGSTOP: the process keeps its sockets but answers nothing."""
+        self.nodes[index + 1].signal(signal.SIGSTOP)
+
+    def resume_follower(self, index: int) -> None:
+        self.nodes[index + 1].signal(signal.SIGCONT)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--followers", type=int, default=5, help="number of followers (default 5)")
+    parser.add_argument(
+        "--quorum",
+        type=int,
+        default=None,
+        help="WRITE_QUORUM (default 3, at most --followers)",
+    )
+    parser.add_argument("--min-delay-ms", type=float, default=0, help="MIN_DELAY_MS (default 0)")
+    parser.add_argument(
+        "--max-delay-ms", type=float, default=1000, help="MAX_DELAY_MS (default 1000)"
+    )
+    parser.add_argument(
+        "--timeout-ms",
+        type=float,
+        default=None,
+        help="REPLICATION_TIMEOUT_MS (default 5000)",
+    )
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=8000,
+        help="leader port; followers follow (0: free ports)",
+    )
+    parser.add_argument("--log-dir", type=Path, default=None, help="write each node's log here")
+    args = parser.parse_args(argv)
+    if args.followers < 0:
+        parser.error("--followers must be 0 or more")
+    if args.quorum is not None and not 0 <= args.quorum <= args.followers:
+        parser.error(f"--quorum must be between 0 and --followers ({args.followers})")
+    if args.min_delay_ms < 0 or args.max_delay_ms < args.min_delay_ms:
+        parser.error("delays must satisfy 0 <= --min-delay-ms <= --max-delay-ms")
+    return args
+
+
+def raise_keyboard_interrupt(*_: object) -> None:
+    """SIGTERM stops the cluster the same way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cluster = LocalCluster(
+        followers=args.followers,
+        quorum=args.quorum,
+        min_delay_ms=args.min_delay_ms,
+        max_delay_ms=args.max_delay_ms,
+        timeout_ms=args.timeout_ms,
+        base_port=args.base_port,
+        log_dir=args.log_dir,
+    )
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        cluster.start()
+        print(f"leader    {cluster.leader_url}   (API docs: {cluster.leader_url}/docs)")
+        for i, url in enumerate(cluster.follower_urls, 1):
+            print(f"follower{i} {url}")
+        print("Ctrl-C stops the cluster.", flush=True)
+        while all(
+            node.process is not None and node.process.poll() is None for node in cluster.nodes
+        ):
+            time.sleep(0.5)
+        failed = [n for n in cluster.nodes if n.process is None or n.process.poll() is not None]
+        print(
+            f"a node exited: {', '.join(n.url for n in failed)}; stopping the cluster",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping the cluster", file=sys.stderr)
+        return 0
+    except (RuntimeError, TimeoutError) as error:
+        print(f"cluster failed to start: {error}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Configuration from the environment, validated once at start-up.
+
+A bad value stops the process with the variable's name and the reason, rather
+than surfacing later as a confusing runtime error. The variable names are a
+contract shared with docker-compose.yml, cluster.py and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Documented in the README. Fine on a laptop; a warning is logged while it is in use.
+DEVELOPMENT_SECRET = "dev-replication-secret"
+DEFAULT_WRITE_QUORUM = 3
+MIB = 1024 * 1024
+
+log = logging.getLogger("kvstore")
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class NodeSettings(BaseSettings):
+    """Settings that both roles read."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    replication_secret: str = Field(DEVELOPMENT_SECRET, min_length=1, repr=False)
+    log_level: LogLevel = "INFO"
+    max_value_bytes: int = Field(MIB, ge=1, le=64 * MIB)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def uses_development_secret(self) -> bool:
+        return self.replication_secret == DEVELOPMENT_SECRET
+
+
+class FollowerSettings(NodeSettings):
+    leader_url: str | None = None
+
+    @field_validator("leader_url", mode="before")
+    @classmethod
+    def _normalise_leader_url(cls, value: object) -> object:
+        if isinstance(value, str):
+            return normalise_url(value) if value.strip() else None
+        return value
+
+
+class LeaderSettings(NodeSettings):
+    followers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # None means "not set": the default of 3, capped at the number of followers.
+    write_quorum: int | None = Field(None, ge=0)
+    min_delay_ms: float = Field(0, ge=0, le=3_600_000)
+    max_delay_ms: float = Field(1000, ge=0, le=3_600_000)
+    replication_timeout_ms: float = Field(5000, gt=0, le=3_600_000)
+
+    @field_validator("followers", mode="before")
+    @classmethod
+    def _split_followers(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in (p.strip() for p in value.split(",")) if part]
+        if isinstance(value, list):
+            urls = [normalise_url(str(part)) for part in value]
+            duplicates = sorted({url for url in urls if urls.count(url) > 1})
+            if duplicates:
+                raise ValueError(f"lists {', '.join(duplicates)} more than once")
+            return urls
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> LeaderSettings:
+        if self.min_delay_ms > self.max_delay_ms:
+            raise ValueError(
+                f"MIN_DELAY_MS ({self.min_delay_ms:g}) must not exceed "
+                f"MAX_DELAY_MS ({self.max_delay_ms:g})"
+            )
+        if self.write_quorum is not None and self.write_quorum > len(self.followers):
+            raise ValueError(
+                f"WRITE_QUORUM is {self.write_quorum} but FOLLOWERS names only "
+                f"{len(self.followers)} follower(s); it must be between 0 and {len(self.followers)}"
+            )
+        return self
+
+    @property
+    def quorum(self) -> int:
+        """The effective default quorum."""
+        if self.write_quorum is None:
+            return min(DEFAULT_WRITE_QUORUM, len(self.followers))
+        return self.write_quorum
+
+
+def normalise_url(value: str) -> str:
+    """Accept `http://host:port` or bare `host:port`; return a base URL without a trailing slash."""
+    value = value.strip()
+    if "://" not in value:
+        value = f"http://{value}"
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    if not parts.hostname:
+        raise ValueError(f"{value!r} has no host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port") from None
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r} must not have a query or fragment")
+    return value.rstrip("/")
+
+
+SettingsT = TypeVar("SettingsT", bound=NodeSettings)
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per problem, naming the environment variable."""
+    lines = []
+    for problem in error.errors():
+        names = [str(part).upper() for part in problem["loc"] if isinstance(part, str)]
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{names[0]}: {message}" if names else message)
+    return lines
+
+
+def load_settings(cls: type[SettingsT]) -> SettingsT:
+    """Read settings from the environment, or exit non-zero saying which variable is wrong."""
+    try:
+        return cls()
+    except ValidationError as error:
+        for line in describe_errors(error):
+            print(f"configuration error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def configure_logging(settings: NodeSettings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log.setLevel(settings.log_level)
+    # httpx logs every request at INFO: one line per replicated batch is noise, and costs CPU.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if settings.uses_development_secret:
+        log.warning(
+            "REPLICATION_SECRET is the development value; set your own before "
+            "exposing this node to any network"
+        )

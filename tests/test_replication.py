@@ -1,0 +1,115 @@
+"""The replication core as a state machine: time is passed in, nothing touches a socket."""
+
+import json
+import random
+
+import pytest
+
+from replication import (
+    DelayModel,
+    Outbox,
+    Shipment,
+    encode_batch,
+    failures_tolerated,
+    quorum_reached,
+    retry_backoff,
+)
+from store import Entry
+
+
+def shipment(version: int, ready_at: float, key: str = "k", value: object = 0) -> Shipment:
+    return Shipment(Entry.create(key, value, version), 0.0, 0.0, ready_at)
+
+
+def test_nothing_ships_before_its_delay_has_passed():
+    outbox = Outbox()
+    outbox.add(shipment(1, ready_at=0.5))
+    assert outbox.take_ready(now=0.4) == []
+    assert outbox.next_ready_at() == 0.5
+    assert [s.entry.version for s in outbox.take_ready(now=0.5)] == [1]
+    assert len(outbox) == 0
+
+
+def test_everything_ready_ships_in_one_batch_in_version_order():
+    outbox = Outbox()
+    for version, ready_at in [(3, 0.1), (1, 0.3), (2, 0.2), (4, 0.9)]:
+        outbox.add(shipment(version, ready_at))
+    batch = outbox.take_ready(now=0.5)
+    assert [s.entry.version for s in batch] == [1, 2, 3]
+    assert len(outbox) == 1
+
+
+def test_entries_become_ready_out_of_order_and_ship_in_later_batches():
+    outbox = Outbox()
+    outbox.add(shipment(1, ready_at=0.8))  # written first, delayed longest
+    outbox.add(shipment(2, ready_at=0.1))
+    assert [s.entry.version for s in outbox.take_ready(now=0.2)] == [2]
+    assert [s.entry.version for s in outbox.take_ready(now=0.8)] == [1]
+
+
+def test_batch_entry_cap():
+    outbox = Outbox(max_batch_entries=3)
+    for version in range(1, 8):
+        outbox.add(shipment(version, 0.0))
+    sizes = [len(outbox.take_ready(1.0)) for _ in range(3)]
+    assert sizes == [3, 3, 1]
+
+
+def test_batch_byte_cap_still_ships_an_oversized_entry_alone():
+    outbox = Outbox(max_batch_bytes=100)
+    outbox.add(shipment(1, 0.0, value="x" * 500))
+    outbox.add(shipment(2, 0.0, value="y"))
+    first = outbox.take_ready(1.0)
+    assert [s.entry.version for s in first] == [1]
+    assert [s.entry.version for s in outbox.take_ready(1.0)] == [2]
+
+
+def test_failed_batch_is_retried_after_backoff_and_counts_attempts():
+    outbox = Outbox()
+    outbox.add(shipment(1, 0.0))
+    batch = outbox.take_ready(0.0)
+    outbox.retry(batch, at=0.25)
+    assert outbox.take_ready(0.2) == []
+    again = outbox.take_ready(0.25)
+    assert [s.attempts for s in again] == [1]
+
+
+def test_retry_backoff_grows_and_is_capped():
+    assert retry_backoff(0) == 0
+    delays = [retry_backoff(n) for n in range(1, 10)]
+    assert delays[:3] == [0.05, 0.1, 0.2]
+    assert delays == sorted(delays)
+    assert max(delays) == 1.0
+
+
+def test_encode_batch_is_the_replicate_body():
+    batch = [shipment(1, 0.0, "a", [1]), shipment(2, 0.0, "b", {"x": None})]
+    body = json.loads(encode_batch(batch))
+    assert [e["key"] for e in body["entries"]] == ["a", "b"]
+    assert body["entries"][1]["value"] == {"x": None}
+
+
+def test_delay_model_draws_within_bounds_reproducibly():
+    a = DelayModel(10, 20, random.Random(7))
+    b = DelayModel(10, 20, random.Random(7))
+    draws = [a.draw_ms() for _ in range(1000)]
+    assert draws == [b.draw_ms() for _ in range(1000)]
+    assert all(10 <= d <= 20 for d in draws)
+    assert DelayModel(5, 5).draw_ms() == 5
+
+
+def test_expected_kth_fastest_of_uniform_draws():
+    model = DelayModel(0, 1000)
+    expected = [model.expected_kth_fastest_ms(k, 5) for k in range(1, 6)]
+    assert expected == pytest.approx([166.67, 333.33, 500.0, 666.67, 833.33], abs=0.01)
+    rng = random.Random(1)
+    samples = [sorted(rng.uniform(0, 1000) for _ in range(5))[2] for _ in range(20000)]
+    assert sum(samples) / len(samples) == pytest.approx(expected[2], abs=10)
+
+
+def test_quorum_counting():
+    assert quorum_reached(acks=0, required=0)
+    assert not quorum_reached(acks=2, required=3)
+    assert quorum_reached(acks=3, required=3)
+    assert failures_tolerated(followers=5, quorum=3) == 2
+    assert failures_tolerated(followers=5, quorum=5) == 0

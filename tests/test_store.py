@@ -1,0 +1,102 @@
+"""The apply rules: versions, apply-if-newer and tombstones."""
+
+import json
+
+from store import Entry, VersionedStore
+
+
+def test_leader_versions_strictly_increase_across_keys_and_deletes():
+    store = VersionedStore()
+    versions = [store.put("a", 1).version, store.put("b", 2).version, store.put("a", 3).version]
+    deletion = store.delete("a")
+    assert deletion is not None
+    versions.append(deletion.version)
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert store.last_version == versions[-1]
+
+
+def test_put_applies_in_the_same_step():
+    store = VersionedStore()
+    entry = store.put("k", {"nested": [1, 2]})
+    held = store.get("k")
+    assert held is not None
+    assert (held.value, held.version) == ({"nested": [1, 2]}, entry.version)
+
+
+def test_delete_of_absent_or_deleted_key_assigns_nothing():
+    store = VersionedStore()
+    assert store.delete("missing") is None
+    store.put("k", 1)
+    assert store.delete("k") is not None
+    last = store.last_version
+    assert store.delete("k") is None
+    assert store.last_version == last
+
+
+def test_replica_applies_only_newer_versions():
+    replica = VersionedStore()
+    assert replica.maybe_apply(Entry("k", "new", 5))
+    assert not replica.maybe_apply(Entry("k", "old", 3))
+    assert not replica.maybe_apply(Entry("k", "repeat", 5))
+    held = replica.get("k")
+    assert held is not None and (held.value, held.version) == ("new", 5)
+
+
+def test_tombstone_stops_a_late_write_from_resurrecting_the_key():
+    replica = VersionedStore()
+    replica.maybe_apply(Entry("k", "v1", 1))
+    replica.maybe_apply(Entry("k", None, 3, deleted=True))
+    assert not replica.maybe_apply(Entry("k", "v2", 2))  # overtaken by the deletion
+    assert replica.get("k") is None
+    assert replica.version_of("k") == 3
+    assert replica.keys() == []
+
+
+def test_tombstone_arriving_first_for_an_unknown_key_is_kept():
+    replica = VersionedStore()
+    assert replica.maybe_apply(Entry("k", None, 2, deleted=True))
+    assert not replica.maybe_apply(Entry("k", "v1", 1))
+    assert replica.get("k") is None
+
+
+def test_any_delivery_order_converges_to_the_leader():
+    leader = VersionedStore()
+    log = [leader.put("a", 1), leader.put("b", 2), leader.put("a", 3)]
+    deletion = leader.delete("b")
+    assert deletion is not None
+    log += [deletion, leader.put("c", 4), leader.put("b", 5)]
+    for order in (log, list(reversed(log)), log[::2] + log[1::2]):
+        replica = VersionedStore()
+        replica.apply_batch(order)
+        assert [(e.key, e.value, e.version) for e in replica.live_items()] == [
+            (e.key, e.value, e.version) for e in leader.live_items()
+        ]
+        assert replica.last_version == leader.last_version
+
+
+def test_apply_batch_counts_stale_entries_as_delivered():
+    replica = VersionedStore()
+    first = replica.apply_batch([Entry("k", 1, 1), Entry("k", 2, 2)])
+    again = replica.apply_batch([Entry("k", 1, 1), Entry("k", 2, 2)])
+    assert (first.applied, first.stale) == (2, 0)
+    assert (again.applied, again.stale) == (0, 2)
+
+
+def test_entry_encoding_is_valid_json_and_round_trips():
+    entry = Entry.create('we"ird/ key?#%', {"ü": [1, None, True]}, 7)
+    assert json.loads(entry.encoded) == {
+        "key": 'we"ird/ key?#%',
+        "value": {"ü": [1, None, True]},
+        "version": 7,
+        "deleted": False,
+    }
+    tombstone = Entry.create("k", None, 8, deleted=True)
+    assert json.loads(tombstone.encoded)["deleted"] is True
+
+
+def test_entries_snapshot_includes_tombstones_in_version_order():
+    store = VersionedStore()
+    store.put("a", 1)
+    store.put("b", 2)
+    store.delete("a")
+    assert [(e.key, e.deleted) for e in store.entries()] == [("b", False), ("a", True)]
