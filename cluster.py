@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -69,6 +70,16 @@ def wait_healthy(
             time.sleep(0.05)
 
 
+class ClusterControl(Protocol):
+    """Fault injection by follower index (0-based), whatever runs the nodes."""
+
+    def kill_follower(self, index: int) -> None: ...
+    def restart_follower(self, index: int) -> None: ...
+    def pause_follower(self, index: int) -> None: ...
+    def resume_follower(self, index: int) -> None: ...
+    def ensure_running(self) -> None: ...
+
+
 @dataclass
 class Node:
     role: str
@@ -80,6 +91,10 @@ class Node:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
         command = [
@@ -248,6 +263,12 @@ class LocalCluster:
     def resume_follower(self, index: int) -> None:
         self.nodes[index + 1].signal(signal.SIGCONT)
 
+    def ensure_running(self) -> None:
+        """Restart any follower that is not running, e.g. after a test killed it."""
+        for index, node in enumerate(self.nodes[1:]):
+            if not node.running:
+                self.restart_follower(index)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -310,11 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, url in enumerate(cluster.follower_urls, 1):
             print(f"follower{i} {url}")
         print("Ctrl-C stops the cluster.", flush=True)
-        while all(
-            node.process is not None and node.process.poll() is None for node in cluster.nodes
-        ):
+        while all(node.running for node in cluster.nodes):
             time.sleep(0.5)
-        failed = [n for n in cluster.nodes if n.process is None or n.process.poll() is not None]
+        failed = [node for node in cluster.nodes if not node.running]
         print(
             f"a node exited: {', '.join(n.url for n in failed)}; stopping the cluster",
             file=sys.stderr,

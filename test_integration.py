@@ -1,0 +1,408 @@
+"""The integration suite: real nodes, real HTTP.
+
+By default it starts its own local cluster (a leader and five followers as
+uvicorn processes on free loopback ports, delays 0..200 ms). Point it at a
+running cluster instead with:
+
+    KV_LEADER_URL=http://127.0.0.1:8000 \\
+    KV_FOLLOWER_URLS=http://127.0.0.1:8001,...,http://127.0.0.1:8005 \\
+    python -m pytest test_integration.py
+
+The fault tests need a way to stop and freeze followers. Against a cluster that
+this suite did not start they are skipped, saying why.
+"""
+
+import asyncio
+import json
+import os
+import random
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from cluster import ClusterControl, LocalCluster
+
+SECRET_HEADER = "X-Replication-Secret"
+Check = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class Cluster:
+    leader: str
+    followers: list[str]
+    control: ClusterControl | None
+    secret: str
+    max_delay_ms: float
+
+    @property
+    def nodes(self) -> list[str]:
+        return [self.leader, *self.followers]
+
+    def faults(self) -> ClusterControl:
+        if self.control is None:
+            pytest.skip("this cluster was not started by the suite, so it cannot inject faults")
+        return self.control
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    secret = os.environ.get("KV_REPLICATION_SECRET", "integration-" + uuid.uuid4().hex)
+    leader_url = os.environ.get("KV_LEADER_URL")
+    if leader_url:
+        followers = [u for u in os.environ.get("KV_FOLLOWER_URLS", "").split(",") if u]
+        info = httpx.get(f"{leader_url}/", timeout=10, trust_env=False).json()
+        secret = os.environ.get("KV_REPLICATION_SECRET", "dev-replication-secret")
+        yield Cluster(leader_url, followers, None, secret, info["config"]["max_delay_ms"])
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="kv-integration-") as logs,
+        LocalCluster(
+            followers=5,
+            quorum=3,
+            min_delay_ms=0,
+            max_delay_ms=200,
+            base_port=0,
+            secret=secret,
+            log_dir=Path(logs),
+        ) as local,
+    ):
+        yield Cluster(local.leader_url, local.follower_urls, local, secret, 200)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as c:
+        yield c
+
+
+def unique(prefix: str = "key") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def eventually(check: Check, timeout: float, what: str) -> float:
+    """Poll `check` until it holds; return the seconds it took, or fail after `timeout`."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def read_everywhere(client: httpx.AsyncClient, cluster: Cluster, key: str) -> list[dict]:
+    path = "/keys/" + quote(key, safe="")
+    responses = await asyncio.gather(*(client.get(node + path) for node in cluster.nodes))
+    return [r.json() if r.status_code == 200 else {"status": r.status_code} for r in responses]
+
+
+async def states(client: httpx.AsyncClient, cluster: Cluster) -> list[dict]:
+    responses = await asyncio.gather(*(client.get(f"{node}/state") for node in cluster.nodes))
+    return [r.json() for r in responses]
+
+
+def converged_check(client: httpx.AsyncClient, cluster: Cluster) -> Check:
+    async def check() -> bool:
+        leader, *followers = await states(client, cluster)
+        want = (leader["store"], leader["versions"], leader["last_version"])
+        return all((f["store"], f["versions"], f["last_version"]) == want for f in followers)
+
+    return check
+
+
+def holds_check(client: httpx.AsyncClient, cluster: Cluster, key: str, version: int) -> Check:
+    async def check() -> bool:
+        found = await read_everywhere(client, cluster, key)
+        return all(node.get("version") == version for node in found)
+
+    return check
+
+
+def convergence_deadline(cluster: Cluster) -> float:
+    return cluster.max_delay_ms / 1000 + 10
+
+
+# -- the basics -------------------------------------------------------------
+
+
+async def test_every_node_is_healthy(client: httpx.AsyncClient, cluster: Cluster):
+    leader = (await client.get(f"{cluster.leader}/health")).json()
+    assert leader["status"] == "ok" and leader["role"] == "leader"
+    assert leader["followers"] == len(cluster.followers)
+    assert 0 <= leader["write_quorum"] <= len(cluster.followers)
+    for url in cluster.followers:
+        follower = (await client.get(f"{url}/health")).json()
+        assert (follower["status"], follower["role"]) == ("ok", "follower")
+
+
+async def test_write_is_read_back_on_every_node(client: httpx.AsyncClient, cluster: Cluster):
+    key, n = unique(), len(cluster.followers)
+    response = await client.post(f"{cluster.leader}/keys?w={n}", json={"key": key, "value": [1]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["acks"] == n and len(body["replication"]) == n
+    for node in await read_everywhere(client, cluster, key):
+        assert node == {"key": key, "value": [1], "version": body["version"]}
+
+
+async def test_versions_strictly_increase(client: httpx.AsyncClient, cluster: Cluster):
+    key = unique()
+    versions = []
+    for i in range(5):
+        response = await client.post(f"{cluster.leader}/keys?w=1", json={"key": key, "value": i})
+        versions.append(response.json()["version"])
+    assert versions == sorted(set(versions))
+
+
+async def test_quorum_write_reports_its_deliveries(client: httpx.AsyncClient, cluster: Cluster):
+    response = await client.post(f"{cluster.leader}/keys?w=3", json={"key": unique(), "value": 1})
+    body = response.json()
+    assert response.status_code == 200
+    assert body["write_quorum"] == 3 and body["acks"] >= 3
+    assert len(body["replication"]) == body["acks"]
+    for delivery in body["replication"]:
+        assert delivery["ok"] is True
+        assert delivery["follower"] in cluster.followers
+        assert 0 <= delivery["delay_ms"] <= cluster.max_delay_ms
+        assert delivery["latency_ms"] >= delivery["delay_ms"]
+    # The leader waits for the third-fastest follower, and not much longer.
+    third = sorted(d["latency_ms"] for d in body["replication"])[2]
+    assert body["latency_ms"] >= third
+
+
+async def test_asynchronous_write_w0_returns_at_once_and_still_replicates(
+    client: httpx.AsyncClient, cluster: Cluster
+):
+    key = unique()
+    response = await client.post(f"{cluster.leader}/keys?w=0", json={"key": key, "value": "a"})
+    body = response.json()
+    assert response.status_code == 200 and body["write_quorum"] == 0
+    await eventually(
+        holds_check(client, cluster, key, body["version"]),
+        convergence_deadline(cluster),
+        "an asynchronous write reaching every follower",
+    )
+
+
+async def test_background_completion_after_an_early_return(
+    client: httpx.AsyncClient, cluster: Cluster
+):
+    key = unique()
+    response = await client.post(f"{cluster.leader}/keys?w=1", json={"key": key, "value": 1})
+    body = response.json()
+    assert response.status_code == 200 and body["acks"] >= 1
+    await eventually(
+        holds_check(client, cluster, key, body["version"]),
+        convergence_deadline(cluster),
+        "the deliveries left running after the response completing",
+    )
+
+
+@pytest.mark.parametrize(
+    "key", ["with space", "ünïcødé ключ", "a/b/../c", "what?x=1", "100%", "#frag", "%41", "&"]
+)
+async def test_url_encoded_keys(client: httpx.AsyncClient, cluster: Cluster, key: str):
+    key = f"{key} {uuid.uuid4().hex[:6]}"
+    path = "/keys/" + quote(key, safe="")
+    n = len(cluster.followers)
+    created = await client.post(f"{cluster.leader}/keys?w={n}", json={"key": key, "value": 1})
+    assert created.status_code == 200
+    for node in cluster.nodes:
+        assert (await client.get(node + path)).json()["key"] == key
+    updated = await client.put(f"{cluster.leader}{path}?w={n}", json={"value": 2})
+    assert updated.status_code == 200 and updated.json()["key"] == key
+    assert (await client.get(cluster.followers[-1] + path)).json()["value"] == 2
+    deleted = await client.delete(f"{cluster.leader}{path}?w={n}")
+    assert deleted.status_code == 200 and deleted.json()["version"] > updated.json()["version"]
+    for node in cluster.nodes:
+        assert (await client.get(node + path)).status_code == 404
+        assert key not in (await client.get(f"{node}/keys")).json()["keys"]
+
+
+async def test_delete_is_replicated_and_missing_keys_are_404(
+    client: httpx.AsyncClient, cluster: Cluster
+):
+    key = unique()
+    assert (await client.delete(f"{cluster.leader}/keys/{key}")).status_code == 404
+    await client.post(f"{cluster.leader}/keys?w=0", json={"key": key, "value": 1})
+    response = await client.delete(f"{cluster.leader}/keys/{key}?w=2")
+    assert response.status_code == 200
+    assert response.json()["acks"] >= 2 and response.json()["deleted"] is True
+    for node in cluster.nodes:
+        await eventually(
+            absent_check(client, f"{node}/keys/{key}"),
+            convergence_deadline(cluster),
+            f"{node} dropping a deleted key",
+        )
+
+
+def absent_check(client: httpx.AsyncClient, url: str) -> Check:
+    async def check() -> bool:
+        return (await client.get(url)).status_code == 404
+
+    return check
+
+
+# -- bad input ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b'{"key": "k", "value": ', 422),
+        (b'{"value": 1}', 422),
+        (b'{"key": "k"}', 422),
+        (b'{"key": "", "value": 1}', 422),
+        (b'{"key": 42, "value": 1}', 422),
+        (json.dumps({"key": "x" * 1025, "value": 1}).encode(), 422),
+        (json.dumps({"key": "big", "value": "x" * (1024 * 1024)}).encode(), 413),
+    ],
+    ids=["malformed", "no-key", "no-value", "empty-key", "int-key", "long-key", "huge-value"],
+)
+async def test_bad_input_is_a_clear_4xx_and_changes_nothing(
+    client: httpx.AsyncClient, cluster: Cluster, body: bytes, status: int
+):
+    before = (await client.get(f"{cluster.leader}/state")).json()["last_version"]
+    response = await client.post(
+        f"{cluster.leader}/keys", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status
+    assert response.json()["error"]
+    after = (await client.get(f"{cluster.leader}/state")).json()["last_version"]
+    assert after == before
+
+
+@pytest.mark.parametrize("query", ["w=-1", "w=99", "timeout_ms=0"])
+async def test_out_of_range_parameters_are_422(
+    client: httpx.AsyncClient, cluster: Cluster, query: str
+):
+    response = await client.post(f"{cluster.leader}/keys?{query}", json={"key": "k", "value": 1})
+    assert response.status_code == 422
+
+
+async def test_followers_refuse_writes(client: httpx.AsyncClient, cluster: Cluster):
+    key = unique()
+    for url in cluster.followers:
+        for response in [
+            await client.post(f"{url}/keys", json={"key": key, "value": 1}),
+            await client.put(f"{url}/keys/{key}", json={"value": 1}),
+            await client.delete(f"{url}/keys/{key}"),
+        ]:
+            assert response.status_code == 403
+            assert "LEADER_URL" in response.json()["error"]
+        assert (await client.get(f"{url}/keys/{key}")).status_code == 404
+
+
+async def test_replicate_requires_the_secret(client: httpx.AsyncClient, cluster: Cluster):
+    key = unique()
+    entry = {"entries": [{"key": key, "value": "forged", "version": 10**12, "deleted": False}]}
+    follower = cluster.followers[0]
+    for headers in [{}, {SECRET_HEADER: "wrong"}, {SECRET_HEADER: cluster.secret + "x"}]:
+        response = await client.post(f"{follower}/replicate", json=entry, headers=headers)
+        assert response.status_code == 401
+    assert (await client.get(f"{follower}/keys/{key}")).status_code == 404
+    info = await client.get(f"{follower}/")
+    assert cluster.secret not in info.text
+
+
+# -- concurrency ----------------------------------------------------------------
+
+
+async def test_concurrent_writes_and_deletes_on_few_keys_converge(
+    client: httpx.AsyncClient, cluster: Cluster
+):
+    keys = [unique("hot") for _ in range(3)]
+    rng = random.Random(2)
+    limit = asyncio.Semaphore(20)
+    statuses: list[int] = []
+
+    async def operation(i: int) -> None:
+        key = rng.choice(keys)
+        w = rng.choice([0, 1, 3])
+        async with limit:
+            if rng.random() < 0.25:
+                response = await client.delete(f"{cluster.leader}/keys/{key}?w={w}")
+            else:
+                response = await client.post(
+                    f"{cluster.leader}/keys?w={w}", json={"key": key, "value": i}
+                )
+        statuses.append(response.status_code)
+
+    await asyncio.wait_for(asyncio.gather(*(operation(i) for i in range(300))), timeout=60)
+    assert set(statuses) <= {200, 404}
+    assert statuses.count(200) > 200
+    took = await eventually(
+        converged_check(client, cluster), convergence_deadline(cluster), "replicas converging"
+    )
+    print(f"converged {took:.2f} s after the last write")
+
+
+# -- faults ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def faults(cluster: Cluster) -> Iterator[ClusterControl]:
+    """The cluster's fault injector; every follower runs again afterwards, whatever happened."""
+    control = cluster.faults()
+    yield control
+    for index in range(len(cluster.followers)):
+        control.resume_follower(index)
+    control.ensure_running()
+
+
+async def test_frozen_followers_make_writes_fail_with_503_then_recover(
+    client: httpx.AsyncClient, cluster: Cluster, faults: ClusterControl
+):
+    frozen = [0, 1, 2]
+    for index in frozen:
+        faults.pause_follower(index)
+    key = unique()
+    started = time.monotonic()
+    response = await client.post(
+        f"{cluster.leader}/keys?w=3&timeout_ms=500", json={"key": key, "value": 1}
+    )
+    assert time.monotonic() - started < 5
+    assert response.status_code == 503
+    body = response.json()
+    assert body["acks"] <= 2 and body["write_quorum"] == 3
+    assert f"{body['acks']} of 3" in body["error"]
+    # The write stays applied on the leader.
+    held = (await client.get(f"{cluster.leader}/keys/{key}")).json()
+    assert held["version"] == body["version"]
+    ok = await client.post(f"{cluster.leader}/keys?w=2", json={"key": key, "value": 2})
+    assert ok.status_code == 200
+    for index in frozen:
+        faults.resume_follower(index)
+    took = await eventually(
+        holds_check(client, cluster, key, ok.json()["version"]),
+        convergence_deadline(cluster),
+        "thawed followers catching up",
+    )
+    print(f"thawed followers converged in {took:.2f} s")
+
+
+async def test_killed_follower_fails_only_writes_that_need_it(
+    client: httpx.AsyncClient, cluster: Cluster, faults: ClusterControl
+):
+    n = len(cluster.followers)
+    faults.kill_follower(n - 1)
+    all_of_them = await client.post(
+        f"{cluster.leader}/keys?w={n}&timeout_ms=500", json={"key": unique(), "value": 1}
+    )
+    assert all_of_them.status_code == 503
+    assert all_of_them.json()["acks"] == n - 1
+    enough = await client.post(
+        f"{cluster.leader}/keys?w={n - 1}", json={"key": unique(), "value": 1}
+    )
+    assert enough.status_code == 200
+    faults.restart_follower(n - 1)
+    key = unique()
+    after = await client.post(f"{cluster.leader}/keys?w={n}", json={"key": key, "value": 1})
+    assert after.status_code == 200, "a restarted follower receives new writes"
+    assert (await client.get(f"{cluster.followers[-1]}/keys/{key}")).status_code == 200
