@@ -5,14 +5,17 @@
     python cluster.py --base-port 0         # free ports, printed at start-up
 
 Ctrl-C stops every process. The same :class:`LocalCluster` is what the tests and
-performance_analysis.py use when no running cluster is given, and it doubles as
-their fault injector: it can kill, restart, freeze (SIGSTOP) and thaw followers.
+scripts use when no running cluster is given, and it doubles as their fault
+injector: it can kill, restart, freeze (SIGSTOP) and thaw followers.
+:class:`ComposeCluster` does the same to the containers of a docker compose
+stack; both satisfy :class:`ClusterControl`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -268,6 +271,65 @@ class LocalCluster:
         for index, node in enumerate(self.nodes[1:]):
             if not node.running:
                 self.restart_follower(index)
+
+
+class ComposeCluster:
+    """Fault injection for a docker compose stack: stop, start, pause and unpause containers.
+
+    `command` is how compose is invoked: `docker compose` (v2) or `docker-compose` (v1).
+    """
+
+    def __init__(
+        self,
+        project: str,
+        follower_urls: list[str],
+        *,
+        compose_file: Path = ROOT / "docker-compose.yml",
+        command: list[str] | None = None,
+    ) -> None:
+        self.project = project
+        self.follower_urls = follower_urls
+        self.compose_file = compose_file
+        self.command = command or default_compose_command()
+        self._paused: set[int] = set()
+
+    def _compose(self, *args: str) -> None:
+        argv = [*self.command, "-p", self.project, "-f", str(self.compose_file), *args]
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+    def _service(self, index: int) -> str:
+        return f"follower{index + 1}"
+
+    def kill_follower(self, index: int) -> None:
+        """Stop the container at once (`stop -t 0`), so its restart policy leaves it down."""
+        self._compose("stop", "-t", "0", self._service(index))
+
+    def restart_follower(self, index: int, timeout: float = 60.0) -> None:
+        self._compose("start", self._service(index))
+        wait_healthy([self.follower_urls[index]], timeout)
+
+    def pause_follower(self, index: int) -> None:
+        self._compose("pause", self._service(index))
+        self._paused.add(index)
+
+    def resume_follower(self, index: int) -> None:
+        if index in self._paused:
+            self._compose("unpause", self._service(index))
+            self._paused.discard(index)
+
+    def ensure_running(self) -> None:
+        for index in sorted(self._paused):
+            self.resume_follower(index)
+        self._compose("start", *(self._service(i) for i in range(len(self.follower_urls))))
+        wait_healthy(self.follower_urls, 60.0)
+
+
+def default_compose_command() -> list[str]:
+    """`KV_COMPOSE_COMMAND` if set, else Compose v1 if installed, else the v2 plugin."""
+    configured = os.environ.get("KV_COMPOSE_COMMAND")
+    if configured:
+        return configured.split()
+    return ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
