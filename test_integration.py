@@ -401,8 +401,10 @@ async def test_killed_follower_fails_only_writes_that_need_it(
 ):
     n = len(cluster.followers)
     faults.kill_follower(n - 1)
+    # Long enough for every live follower's delay, so exactly the dead one is missing.
+    timeout_ms = cluster.max_delay_ms + 2000
     all_of_them = await client.post(
-        f"{cluster.leader}/keys?w={n}&timeout_ms=500", json={"key": unique(), "value": 1}
+        f"{cluster.leader}/keys?w={n}&timeout_ms={timeout_ms:g}", json={"key": unique(), "value": 1}
     )
     assert all_of_them.status_code == 503
     assert all_of_them.json()["acks"] == n - 1
