@@ -1,0 +1,486 @@
+"""The quorum-versus-latency study: one command, any cluster, a plot and a consistency verdict.
+
+    python performance_analysis.py                       # the lab's study, 100 writes per quorum
+    python performance_analysis.py --writes 1000         # tighter means
+    python performance_analysis.py --quick               # a smoke run in seconds
+    python performance_analysis.py --leader http://127.0.0.1:8000 \\
+        --followers http://127.0.0.1:8001,http://127.0.0.1:8002,...
+
+If no cluster answers at --leader, it starts its own local cluster with the lab's
+settings (5 followers, MIN_DELAY_MS=0, MAX_DELAY_MS=1000) and stops it afterwards.
+Each quorum runs against the same cluster through the per-request `w`, so nothing
+restarts between them.
+
+Why latency grows with the quorum: each follower's delivery waits its own
+uniformly drawn delay, and a write at quorum k returns when the k-th fastest of n
+followers confirms. The mean of the k-th smallest of n uniform draws on
+[MIN, MAX] is MIN + k/(n+1)·(MAX−MIN): the expectation drawn on the plot. What is
+left, each write's latency minus the k-th smallest delay the leader reported for
+it, is the replication overhead: how far the system is from the physical limit
+of the network it simulates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cluster import LocalCluster, wait_healthy
+from loadgen import ConnectionPool
+from replication import DelayModel
+
+# The lab's settings, for the cluster this script starts when none is running.
+LAB_FOLLOWERS, LAB_MIN_DELAY_MS, LAB_MAX_DELAY_MS = 5, 0.0, 1000.0
+DEFAULT_LEADER = "http://127.0.0.1:8000"
+DEFAULT_FOLLOWERS = ",".join(f"http://127.0.0.1:{8001 + i}" for i in range(5))
+WARMUP_WRITES = 5
+
+
+@dataclass
+class WriteResult:
+    quorum: int
+    index: int
+    key: str
+    status: int
+    latency_ms: float
+    leader_latency_ms: float | None
+    acks: int
+    version: int | None
+    delays_ms: list[float]
+
+    def kth_delay_ms(self) -> float | None:
+        """The k-th smallest simulated delay the leader reported: the physical floor."""
+        if self.quorum == 0:
+            return 0.0
+        if len(self.delays_ms) < self.quorum:
+            return None
+        return sorted(self.delays_ms)[self.quorum - 1]
+
+    def overhead_ms(self) -> float | None:
+        kth = self.kth_delay_ms()
+        return None if kth is None or self.status != 200 else self.latency_ms - kth
+
+
+@dataclass
+class QuorumSummary:
+    quorum: int
+    writes: int
+    failures: int
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    min_ms: float
+    max_ms: float
+    expected_ms: float
+    overhead_p50_ms: float
+    overhead_p99_ms: float
+    percentiles: dict[str, float] = field(default_factory=dict)
+
+
+def percentile(samples: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks, as numpy's default."""
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summarise(quorum: int, results: list[WriteResult], delays: DelayModel, n: int) -> QuorumSummary:
+    ok = [r for r in results if r.status == 200]
+    latencies = [r.latency_ms for r in ok]
+    overheads = [o for r in ok if (o := r.overhead_ms()) is not None]
+    nan = float("nan")
+    return QuorumSummary(
+        quorum=quorum,
+        writes=len(results),
+        failures=len(results) - len(ok),
+        mean_ms=statistics.fmean(latencies) if latencies else nan,
+        p50_ms=percentile(latencies, 50),
+        p95_ms=percentile(latencies, 95),
+        p99_ms=percentile(latencies, 99),
+        min_ms=min(latencies, default=nan),
+        max_ms=max(latencies, default=nan),
+        expected_ms=delays.expected_kth_fastest_ms(quorum, n),
+        overhead_p50_ms=percentile(overheads, 50),
+        overhead_p99_ms=percentile(overheads, 99),
+        percentiles={f"p{p}": percentile(latencies, p) for p in (5, 25, 75)},
+    )
+
+
+class Progress:
+    """A one-line progress bar on a terminal; a line per quorum otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.tty = sys.stderr.isatty()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.tty:
+            width = 30
+            filled = width * self.done // self.total
+            bar = "#" * filled + "." * (width - filled)
+            print(f"\r{self.label} [{bar}] {self.done}/{self.total}", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+        else:
+            print(f"{self.label}: {self.done}/{self.total} writes", file=sys.stderr)
+
+
+async def run_quorum(
+    pool: ConnectionPool, quorum: int, writes: int, concurrency: int, keys: int
+) -> list[WriteResult]:
+    limit = asyncio.Semaphore(concurrency)
+    progress = Progress(writes, f"W={quorum}")
+
+    async def write(index: int) -> WriteResult:
+        key = f"perf-key-{index % keys}"
+        async with limit:
+            started = time.perf_counter()
+            response = await pool.request(
+                "POST", f"/keys?w={quorum}", {"key": key, "value": {"quorum": quorum, "i": index}}
+            )
+            latency_ms = (time.perf_counter() - started) * 1000
+        body = response.json()
+        progress.step()
+        return WriteResult(
+            quorum=quorum,
+            index=index,
+            key=key,
+            status=response.status,
+            latency_ms=round(latency_ms, 3),
+            leader_latency_ms=body.get("latency_ms"),
+            acks=body.get("acks", 0),
+            version=body.get("version"),
+            delays_ms=[d["delay_ms"] for d in body.get("replication", []) if d.get("ok")],
+        )
+
+    try:
+        return list(await asyncio.gather(*(write(i) for i in range(writes))))
+    finally:
+        progress.close()
+
+
+async def converge(
+    client: httpx.AsyncClient, leader: str, followers: list[str], deadline_s: float
+) -> dict[str, Any]:
+    """Poll every replica's /state until it equals the leader's, or the deadline passes."""
+    started = time.monotonic()
+    converged_at: dict[str, float] = {}
+    last_diff: dict[str, str] = {}
+    while True:
+        leader_state = (await client.get(f"{leader}/state")).json()
+        want = (leader_state["store"], leader_state["versions"], leader_state["last_version"])
+        for url in followers:
+            if url in converged_at:
+                continue
+            try:
+                state = (await client.get(f"{url}/state")).json()
+            except httpx.HTTPError as error:
+                last_diff[url] = f"unreachable: {type(error).__name__}"
+                continue
+            have = (state["store"], state["versions"], state["last_version"])
+            if have == want:
+                converged_at[url] = time.monotonic() - started
+            else:
+                behind = [k for k, v in want[1].items() if state["versions"].get(k) != v]
+                extra = [k for k in state["versions"] if k not in want[1]]
+                last_diff[url] = (
+                    f"{len(behind)} key(s) differ, {len(extra)} extra, last_version "
+                    f"{state['last_version']} vs {want[2]}"
+                )
+        elapsed = time.monotonic() - started
+        if len(converged_at) == len(followers) or elapsed > deadline_s:
+            break
+        await asyncio.sleep(0.05)
+    return {
+        "converged": len(converged_at) == len(followers),
+        "seconds": max(converged_at.values(), default=0.0),
+        "replicas": {
+            url: (
+                {"verdict": "consistent", "seconds": round(converged_at[url], 3)}
+                if url in converged_at
+                else {"verdict": "DIVERGED", "difference": last_diff.get(url, "unknown")}
+            )
+            for url in followers
+        },
+    }
+
+
+def write_csv(path: Path, results: list[WriteResult]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "quorum", "index", "key", "status", "latency_ms", "leader_latency_ms", "acks",
+                "version", "kth_delay_ms", "overhead_ms", "delays_ms",
+            ]
+        )  # fmt: skip
+        for r in results:
+            kth, overhead = r.kth_delay_ms(), r.overhead_ms()
+            writer.writerow(
+                [
+                    r.quorum, r.index, r.key, r.status, r.latency_ms, r.leader_latency_ms,
+                    r.acks, r.version,
+                    "" if kth is None else round(kth, 3),
+                    "" if overhead is None else round(overhead, 3),
+                    ";".join(f"{d:.3f}" for d in r.delays_ms),
+                ]
+            )  # fmt: skip
+
+
+def print_table(summaries: list[QuorumSummary]) -> None:
+    header = (
+        f"{'W':>2} {'writes':>6} {'fail':>4} {'mean':>7} {'p50':>7} {'p95':>7} {'p99':>7} "
+        f"{'min':>7} {'max':>7} {'expect':>7} {'Δmean':>6} {'ovh50':>6} {'ovh99':>6}"
+    )
+    print("\nwrite latency in ms (client-side); expect = MIN + k/(n+1)·(MAX−MIN);")
+    print("ovh50/ovh99 = p50/p99 of (latency − k-th smallest simulated delay)")
+    print(header)
+    print("-" * len(header))
+    for s in summaries:
+        print(
+            f"{s.quorum:>2} {s.writes:>6} {s.failures:>4} {s.mean_ms:>7.1f} {s.p50_ms:>7.1f} "
+            f"{s.p95_ms:>7.1f} {s.p99_ms:>7.1f} {s.min_ms:>7.1f} {s.max_ms:>7.1f} "
+            f"{s.expected_ms:>7.1f} {s.mean_ms - s.expected_ms:>+6.1f} "
+            f"{s.overhead_p50_ms:>6.2f} {s.overhead_p99_ms:>6.2f}"
+        )
+
+
+def plot(path: Path, summaries: list[QuorumSummary], settings: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [s.quorum for s in summaries]
+    fig, (ax, ax_overhead) = plt.subplots(
+        1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [2.2, 1]}
+    )
+    ax.fill_between(
+        ks,
+        [s.percentiles["p5"] for s in summaries],
+        [s.p95_ms for s in summaries],
+        color="tab:blue",
+        alpha=0.15,
+        label="p5–p95",
+    )
+    ax.fill_between(
+        ks,
+        [s.percentiles["p25"] for s in summaries],
+        [s.percentiles["p75"] for s in summaries],
+        color="tab:blue",
+        alpha=0.3,
+        label="p25–p75",
+    )
+    ax.plot(ks, [s.p50_ms for s in summaries], "-", color="tab:blue", lw=1, label="median")
+    ax.plot(ks, [s.mean_ms for s in summaries], "o-", color="tab:blue", lw=2.5, label="mean")
+    ax.plot(ks, [s.p99_ms for s in summaries], "v:", color="tab:red", lw=1, label="p99")
+    ax.plot(
+        ks,
+        [s.expected_ms for s in summaries],
+        "s--",
+        color="black",
+        lw=1.5,
+        label="expected: k-th fastest of n\nMIN + k/(n+1)·(MAX−MIN)",
+    )
+    for s in summaries:
+        ax.annotate(
+            f"{s.mean_ms:.0f}",
+            (s.quorum, s.mean_ms),
+            textcoords="offset points",
+            xytext=(-14, 8),
+            fontsize=9,
+            color="tab:blue",
+        )
+    ax.set_xticks(ks)
+    ax.set_xlabel("write quorum W (followers that must confirm)")
+    ax.set_ylabel("write latency (ms)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    ax.set_title("Write latency against the quorum")
+
+    width = 0.38
+    ax_overhead.bar(
+        [k - width / 2 for k in ks], [s.overhead_p50_ms for s in summaries], width, label="p50"
+    )
+    ax_overhead.bar(
+        [k + width / 2 for k in ks], [s.overhead_p99_ms for s in summaries], width, label="p99"
+    )
+    ax_overhead.set_xticks(ks)
+    ax_overhead.set_xlabel("write quorum W")
+    ax_overhead.set_ylabel("latency − k-th smallest delay (ms)")
+    ax_overhead.set_title("Replication overhead")
+    ax_overhead.grid(alpha=0.3, axis="y")
+    ax_overhead.legend(fontsize=9)
+
+    fig.suptitle(
+        f"{settings['followers']} followers, delay uniform {settings['min_delay_ms']:g}–"
+        f"{settings['max_delay_ms']:g} ms, {settings['writes']} writes per quorum, "
+        f"{settings['concurrency']} in flight, {settings['keys']} keys",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cluster_answers(leader: str) -> bool:
+    try:
+        return httpx.get(f"{leader}/health", timeout=1.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--leader", default=DEFAULT_LEADER, help="leader URL (default %(default)s)")
+    parser.add_argument(
+        "--followers",
+        default=None,
+        help="comma-separated follower URLs as reachable from here "
+        "(default: 127.0.0.1:8001-8005, or those of the cluster this script starts)",
+    )
+    parser.add_argument("--writes", type=int, default=100, help="writes per quorum (100)")
+    parser.add_argument("--concurrency", type=int, default=10, help="writes in flight (10)")
+    parser.add_argument("--keys", type=int, default=10, help="distinct keys written (10)")
+    parser.add_argument("--quorums", type=int, nargs="+", default=None, help="default 1..n")
+    parser.add_argument(
+        "--quick", action="store_true", help="20 writes per quorum, for a smoke run"
+    )
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
+    parser.add_argument(
+        "--converge-timeout", type=float, default=None, help="seconds (default MAX_DELAY + 10 s)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.writes = min(args.writes, 20)
+    for name in ("writes", "concurrency", "keys"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+async def study(args: argparse.Namespace, leader: str, followers: list[str]) -> int:
+    # httpx for the few control requests; the lean pool for the measured writes (see loadgen.py).
+    async with (
+        httpx.AsyncClient(base_url=leader, timeout=60, trust_env=False) as client,
+        ConnectionPool(leader, args.concurrency) as pool,
+    ):
+        config = (await client.get("/")).json()["config"]
+        n = len(config["followers"])
+        delays = DelayModel(config["min_delay_ms"], config["max_delay_ms"])
+        quorums = args.quorums or list(range(1, n + 1))
+        bad = [q for q in quorums if not 0 <= q <= n]
+        if bad:
+            print(f"error: --quorums {bad} outside 0..{n} followers", file=sys.stderr)
+            return 2
+        settings = {
+            "leader": leader,
+            "followers": n,
+            "min_delay_ms": delays.min_ms,
+            "max_delay_ms": delays.max_ms,
+            "writes": args.writes,
+            "concurrency": args.concurrency,
+            "keys": args.keys,
+            "quorums": quorums,
+        }
+        print(
+            f"leader {leader}: {n} followers, delay {delays.min_ms:g}–{delays.max_ms:g} ms; "
+            f"{args.writes} writes per quorum, {args.concurrency} in flight, {args.keys} keys",
+            file=sys.stderr,
+        )
+        await run_quorum(pool, max(quorums), WARMUP_WRITES, args.concurrency, args.keys)
+
+        results: list[WriteResult] = []
+        summaries: list[QuorumSummary] = []
+        for quorum in quorums:
+            batch = await run_quorum(pool, quorum, args.writes, args.concurrency, args.keys)
+            results.extend(batch)
+            summaries.append(summarise(quorum, batch, delays, n))
+
+        deadline = args.converge_timeout or delays.max_ms / 1000 + 10
+        verdict = await converge(client, leader, followers, deadline)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "writes.csv", results)
+    plot(args.out / "quorum_vs_latency.png", summaries, settings)
+    (args.out / "summary.json").write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "quorums": [asdict(s) for s in summaries],
+                "consistency": verdict,
+            },
+            indent=2,
+        )
+    )
+    print_table(summaries)
+    print(f"\nconsistency after the writes (deadline {deadline:g} s):")
+    for url, replica in verdict["replicas"].items():
+        detail = (
+            f"equal to the leader after {replica['seconds']:.2f} s"
+            if replica["verdict"] == "consistent"
+            else replica["difference"]
+        )
+        print(f"  {url}: {replica['verdict']} ({detail})")
+    if verdict["converged"]:
+        print(f"all {len(followers)} replicas converged in {verdict['seconds']:.2f} s")
+    print(f"\nwrote {args.out}/writes.csv, summary.json and quorum_vs_latency.png")
+    return 0 if verdict["converged"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    local: LocalCluster | None = None
+    leader = args.leader.rstrip("/")
+    followers = args.followers.split(",") if args.followers else None
+    try:
+        if cluster_answers(leader):
+            if followers is None:
+                followers = DEFAULT_FOLLOWERS.split(",")
+            wait_healthy(followers, 5)
+        else:
+            print(f"no cluster answers at {leader}; starting a local one", file=sys.stderr)
+            local = LocalCluster(
+                followers=LAB_FOLLOWERS,
+                min_delay_ms=LAB_MIN_DELAY_MS,
+                max_delay_ms=LAB_MAX_DELAY_MS,
+                base_port=0,
+                log_dir=args.out / "logs",
+            )
+            local.start()
+            leader, followers = local.leader_url, local.follower_urls
+        return asyncio.run(study(args, leader, followers))
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing written", file=sys.stderr)
+        return 130
+    except (TimeoutError, RuntimeError, httpx.HTTPError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if local is not None:
+            local.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
