@@ -42,6 +42,9 @@ def ensure_free(ports: list[int]) -> None:
     """Refuse to start on a busy port, where /health might answer from someone else's server."""
     for port in ports:
         with socket.socket() as sock:
+            # As uvicorn does: connections of a stopped server lingering in TIME_WAIT
+            # must not count as "in use", only a listener.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((HOST, port))
             except OSError:
