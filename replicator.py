@@ -30,6 +30,7 @@ from replication import (
     retry_backoff,
 )
 from store import Entry
+from transport import KeepAliveTransport
 
 log = logging.getLogger("kvstore.replication")
 
@@ -85,6 +86,7 @@ class FollowerLink:
         self._on_the_wire = 0
         self.consecutive_failures = 0
         self.delivered = 0
+        self.batches = 0
         self.last_error: str | None = None
         self._blocked_until = 0.0
         self._wakeup = asyncio.Event()
@@ -190,6 +192,7 @@ class FollowerLink:
         self.consecutive_failures = 0
         self.last_error = None
         self.delivered += len(batch)
+        self.batches += 1
         now = self.clock()
         for shipment in batch:
             future = shipment.waiter
@@ -289,9 +292,7 @@ def follower_client(url: str, secret: str, max_connections: int) -> httpx.AsyncC
     return httpx.AsyncClient(
         base_url=url,
         headers={SECRET_HEADER: secret},
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
+        transport=KeepAliveTransport(max_connections),
         timeout=httpx.Timeout(3.0, connect=1.0),
         trust_env=False,
     )
