@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api import (
     NOT_FOUND,
@@ -32,7 +32,7 @@ from api import (
     value_too_large,
 )
 from replication import DelayModel
-from replicator import FollowerLink, QuorumOutcome, Replicator, follower_client
+from replicator import Delivery, FollowerLink, QuorumOutcome, Replicator, follower_client
 from schemas import (
     DeliveryReport,
     ErrorResponse,
@@ -142,11 +142,9 @@ def create_app(
         outcome = await replicator.wait_for_quorum(futures, required, timeout)
         return respond(entry, outcome, started_at)
 
-    def respond(entry: Entry, outcome: QuorumOutcome, started_at: float) -> Any:
+    def respond(entry: Entry, outcome: QuorumOutcome, started_at: float) -> Response:
         latency_ms = round((time.monotonic() - started_at) * 1000, 3)
-        reports = [
-            DeliveryReport.model_validate(d, from_attributes=True) for d in outcome.deliveries
-        ]
+        reports = [delivery_report(d) for d in outcome.deliveries]
         if not outcome.reached:
             message = (
                 f"write quorum not reached: {outcome.acks} of {outcome.required} required "
@@ -160,19 +158,19 @@ def create_app(
                 acks=outcome.acks,
                 write_quorum=outcome.required,
                 latency_ms=latency_ms,
-                replication=reports,
+                replication=[DeliveryReport(**report) for report in reports],
             )
             return JSONResponse(body.model_dump(), status_code=503)
-        return WriteResponse(
-            key=entry.key,
-            value=entry.value,
-            version=entry.version,
-            deleted=entry.deleted,
-            acks=outcome.acks,
-            write_quorum=outcome.required,
-            latency_ms=latency_ms,
-            replication=reports,
-        )
+        # A WriteResponse, built by hand on the hot path: the entry's cached JSON already
+        # holds key, value, version and deleted, so the value is not encoded a second time.
+        rest = {
+            "acks": outcome.acks,
+            "write_quorum": outcome.required,
+            "latency_ms": latency_ms,
+            "replication": reports,
+        }
+        content = entry.encoded[:-1] + b"," + encode_json(rest)[1:].encode()
+        return Response(content, media_type="application/json")
 
     async def put(key: str, value: Any, w: int | None, timeout_ms: float | None) -> Any:
         started_at = time.monotonic()
@@ -234,6 +232,7 @@ def create_app(
                     state=link.state.value,
                     pending=link.pending,
                     delivered=link.delivered,
+                    batches=link.batches,
                     last_error=link.last_error,
                 )
                 for link in replicator.links
@@ -256,6 +255,16 @@ def create_app(
         )
 
     return app
+
+
+def delivery_report(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "follower": delivery.follower,
+        "ok": delivery.ok,
+        "delay_ms": delivery.delay_ms,
+        "latency_ms": delivery.latency_ms,
+        "attempts": delivery.attempts,
+    }
 
 
 app = create_app()

@@ -94,7 +94,10 @@ class FollowerStatus(BaseModel):
     url: str
     state: Literal["up", "lagging", "down"]
     pending: int = Field(description="Entries not yet confirmed by this follower.")
-    delivered: int
+    delivered: int = Field(description="Entries this follower has confirmed.")
+    batches: int = Field(
+        description="Requests that carried them: delivered/batches is the batch size."
+    )
     last_error: str | None = None
 
 

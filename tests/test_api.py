@@ -8,6 +8,7 @@ import pytest
 from conftest import ControlledTransport, InProcessCluster, eventually, in_process_cluster
 
 from replicator import SECRET_HEADER
+from schemas import WriteResponse
 from settings import DEVELOPMENT_SECRET
 
 ODD_KEYS = ["with space", "ünïcødé ключ", "a/b/c", "what?", "100%", "#hash", "%2F", " lead", "..."]
@@ -24,6 +25,18 @@ async def test_write_is_read_back_from_every_node(cluster: InProcessCluster):
     for node in [cluster.leader, *cluster.followers]:
         read = await node.get("/keys/colour")
         assert read.json() == {"key": "colour", "value": ["blue", 1], "version": 1}
+
+
+@pytest.mark.parametrize("value", [None, 0, "x", [1, {"a": None}], {"nested": {"ü": 1.5}}])
+async def test_write_response_matches_its_documented_model(cluster: InProcessCluster, value):
+    response = await cluster.leader.post("/keys?w=2", json={"key": "k", "value": value})
+    assert response.headers["content-type"] == "application/json"
+    body = WriteResponse.model_validate_json(response.content)
+    assert (body.key, body.value, body.deleted, body.write_quorum) == ("k", value, False, 2)
+    assert set(response.json()) == set(WriteResponse.model_fields)
+    deletion = await cluster.leader.delete("/keys/k")
+    body = WriteResponse.model_validate_json(deletion.content)
+    assert (body.value, body.deleted, body.version) == (None, True, 2)
 
 
 @pytest.mark.parametrize("key", ODD_KEYS)
