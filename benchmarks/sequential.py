@@ -8,16 +8,16 @@ Starts its own local cluster (five followers, zero simulated delay) unless
 """
 
 import argparse
+import asyncio
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster import LocalCluster
+from loadgen import ConnectionPool
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -25,14 +25,18 @@ def percentile(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-def measure(leader: str, quorum: int, writes: int, warmup: int) -> list[float]:
+async def measure(leader: str, quorum: int, writes: int, warmup: int) -> list[float]:
+    """One write at a time over one keep-alive connection, timed at the client."""
     latencies = []
-    with httpx.Client(base_url=leader, timeout=10, trust_env=False) as client:
+    async with ConnectionPool(leader, 1) as connection:
         for i in range(warmup + writes):
             started = time.perf_counter()
-            response = client.post(f"/keys?w={quorum}", json={"key": f"k{i % 10}", "value": i})
+            response = await connection.request(
+                "POST", f"/keys?w={quorum}", {"key": f"k{i % 10}", "value": i}
+            )
             elapsed = (time.perf_counter() - started) * 1000
-            response.raise_for_status()
+            if response.status != 200:
+                raise RuntimeError(f"write failed with {response.status}: {response.body[:200]!r}")
             if i >= warmup:
                 latencies.append(elapsed)
     return latencies
@@ -54,7 +58,7 @@ def main() -> int:
     try:
         print(f"{'W':>3} {'writes':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
         for quorum in args.quorums:
-            samples = measure(leader, quorum, args.writes, args.warmup)
+            samples = asyncio.run(measure(leader, quorum, args.writes, args.warmup))
             print(
                 f"{quorum:>3} {len(samples):>7} {statistics.median(samples):>8.2f} "
                 f"{percentile(samples, 90):>8.2f} {percentile(samples, 99):>8.2f} "
