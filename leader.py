@@ -51,7 +51,7 @@ from store import Entry, VersionedStore, encode_json
 log = logging.getLogger("kvstore.leader")
 
 ClientFactory = Callable[[str], httpx.AsyncClient]
-MAX_IN_FLIGHT_PER_FOLLOWER = 2
+MAX_IN_FLIGHT_PER_FOLLOWER = 1
 
 
 def create_app(
