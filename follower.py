@@ -6,17 +6,16 @@ any follower; writes go to the leader, and a follower refuses them with 403.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Response
 
 from api import KeyPath, install_error_handlers, read_router
-from replicator import SECRET_HEADER
+from auth import SECRET_HEADER, RequireSecret
 from schemas import (
     ErrorResponse,
     FollowerConfig,
@@ -40,7 +39,6 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     configure_logging(settings)
     store = VersionedStore()
     node_id = uuid.uuid4().hex
-    expected_secret = settings.replication_secret.encode()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -59,19 +57,26 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(read_router(store, "follower"))
 
-    # async, so FastAPI does not hand it to a thread pool on every delivery.
-    async def require_secret(
-        secret: Annotated[str | None, Header(alias=SECRET_HEADER, include_in_schema=False)] = None,
-    ) -> None:
-        # compare_digest takes as long whatever the first wrong byte, so timing says nothing.
-        if secret is None or not hmac.compare_digest(secret.encode(), expected_secret):
-            raise HTTPException(401, f"missing or wrong {SECRET_HEADER} header")
+    app.add_middleware(
+        RequireSecret, secret=settings.replication_secret, paths=frozenset({"/replicate"})
+    )
 
     @app.post(
         "/replicate",
         response_model=ReplicateResponse,
-        dependencies=[Depends(require_secret)],
         responses={401: {"model": ErrorResponse, "description": "Missing or wrong secret."}},
+        # The header is checked by RequireSecret, before routing; documented here.
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": SECRET_HEADER,
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "REPLICATION_SECRET, shared by the leader and followers.",
+                }
+            ]
+        },
         tags=["internal"],
     )
     async def replicate(body: ReplicateRequest) -> Response:

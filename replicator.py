@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from auth import SECRET_HEADER
 from replication import (
     DelayModel,
     FollowerState,
@@ -34,7 +35,6 @@ from transport import KeepAliveTransport
 
 log = logging.getLogger("kvstore.replication")
 
-SECRET_HEADER = "X-Replication-Secret"
 Clock = Callable[[], float]
 
 

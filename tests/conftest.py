@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 import follower
 import leader
-from replicator import SECRET_HEADER
+from auth import SECRET_HEADER
 from settings import DEVELOPMENT_SECRET, FollowerSettings, LeaderSettings
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]

@@ -7,7 +7,7 @@ from urllib.parse import quote
 import pytest
 from conftest import ControlledTransport, InProcessCluster, eventually, in_process_cluster
 
-from replicator import SECRET_HEADER
+from auth import SECRET_HEADER
 from schemas import WriteResponse
 from settings import DEVELOPMENT_SECRET
 
@@ -156,6 +156,16 @@ async def test_replicate_requires_the_secret(cluster: InProcessCluster, headers:
     assert response.status_code == 401
     assert SECRET_HEADER in response.json()["error"]
     assert (await node.get("/keys/k")).status_code == 404
+
+
+async def test_replicate_checks_the_secret_before_reading_the_body(cluster: InProcessCluster):
+    node = cluster.followers[0]
+    response = await node.post(
+        "/replicate", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 401
+    documented = (await node.get("/openapi.json")).json()["paths"]["/replicate"]["post"]
+    assert any(p["name"] == SECRET_HEADER for p in documented["parameters"])
 
 
 async def test_replicate_is_idempotent(cluster: InProcessCluster):

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from auth import SECRET_HEADER
 from cluster import Node, free_port, wait_healthy
-from replicator import SECRET_HEADER
 from settings import DEVELOPMENT_SECRET
 from transport import KeepAliveTransport
 
