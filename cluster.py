@@ -92,6 +92,7 @@ class Node:
     port: int
     env: dict[str, str]
     log_path: Path | None = None
+    cwd: Path = ROOT
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -113,7 +114,7 @@ class Node:
         try:
             self.process = subprocess.Popen(
                 command,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env={**os.environ, **self.env},
                 stdout=output,
                 stderr=subprocess.STDOUT,

@@ -1,0 +1,218 @@
+"""Write throughput under load, side by side with a bare FastAPI ceiling, in one run.
+
+    python benchmarks/throughput.py                 # 3 rounds x (ceiling, W=1, W=3, W=5), 10 s each
+    python benchmarks/throughput.py --rounds 1 --duration 5
+    python benchmarks/throughput.py --profile       # also py-spy's top entries in the leader
+
+It starts a local cluster (5 followers, zero simulated delay, access logs off,
+uvloop and httptools) and a bare FastAPI POST endpoint under the same uvicorn
+settings, then drives each with wrk (Debian's `wrk` package) and `write.lua`:
+one wrk thread, --connections keep-alive connections. Rounds interleave the
+targets, so a noisy neighbour hits them all alike, and the table reports the
+median over rounds. wrk's own CPU use is reported, to show the load generator is
+not the bottleneck. Sequential latency (one write at a time on one connection)
+comes from the lean client in loadgen.py. Numbers are printed, never asserted.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from cluster import HOST, LocalCluster, Node, free_port, wait_healthy  # noqa: E402
+from loadgen import ConnectionPool  # noqa: E402
+
+
+@dataclass
+class LoadResult:
+    target: str
+    writes_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    wrk_cpu: float  # fraction of one core
+
+
+def run_wrk(url: str, duration: float, connections: int) -> LoadResult:
+    """One wrk run; its CPU time comes from the kernel's accounting of the child."""
+    process = subprocess.Popen(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(HERE / "write.lua"), url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    started = time.monotonic()
+    _, _, usage = os.wait4(process.pid, 0)
+    elapsed = time.monotonic() - started
+    output = process.stdout.read() if process.stdout else ""
+    process.returncode = 0  # reaped by wait4
+    line = next((x for x in output.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result for {url}:\n{output}")
+    stats = json.loads(line.removeprefix("RESULT "))
+    errors = sum(stats[k] for k in ("connect", "read", "write", "status", "timeout"))
+    return LoadResult(
+        target=url,
+        writes_per_s=stats["requests"] / (stats["duration_us"] / 1e6),
+        p50_ms=stats["p50_us"] / 1000,
+        p99_ms=stats["p99_us"] / 1000,
+        errors=errors,
+        wrk_cpu=(usage.ru_utime + usage.ru_stime) / elapsed,
+    )
+
+
+async def sequential(leader: str, quorum: int, writes: int) -> tuple[float, float]:
+    latencies = []
+    async with ConnectionPool(leader, 1) as connection:
+        for i in range(writes + 200):
+            started = time.perf_counter()
+            response = await connection.request(
+                "POST", f"/keys?w={quorum}", {"key": f"seq-{i % 100}", "value": i}
+            )
+            if response.status != 200:
+                raise RuntimeError(f"sequential write failed: {response.status}")
+            if i >= 200:  # the first 200 warm up
+                latencies.append((time.perf_counter() - started) * 1000)
+    latencies.sort()
+    return statistics.median(latencies), latencies[int(0.99 * len(latencies))]
+
+
+def profile_leader(cluster: LocalCluster, duration: float, connections: int, top: int) -> None:
+    """py-spy samples the leader under W=3 load; prints the functions with the most own time."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    leader = cluster.nodes[0].process
+    if leader is None or not Path(py_spy).exists():
+        print("\n(profile skipped: py-spy is not installed; pip install -r requirements-dev.txt)")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        raw = Path(scratch) / "leader.txt"
+        load = subprocess.Popen(
+            [
+                "wrk", "-t1", f"-c{connections}", f"-d{duration + 2:g}s",
+                "-s", str(HERE / "write.lua"), f"{cluster.leader_url}/keys?w=3",
+            ],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            time.sleep(1)
+            subprocess.run(
+                [
+                    py_spy, "record", "--pid", str(leader.pid), "--duration", f"{duration:g}",
+                    "--rate", "500", "--format", "raw", "--output", str(raw), "--nonblocking",
+                ],
+                check=True,
+                capture_output=True,
+            )  # fmt: skip
+        finally:
+            load.wait()
+        own: dict[str, int] = {}
+        total = 0
+        for line in raw.read_text().splitlines():
+            stack, _, samples = line.rpartition(" ")
+            frame = stack.rsplit(";", 1)[-1] or "(native)"
+            own[frame] = own.get(frame, 0) + int(samples)
+            total += int(samples)
+    print(f"\nleader profile at W=3 (py-spy, {total} samples; own time, top {top}):")
+    for frame, hits in sorted(own.items(), key=lambda item: -item[1])[:top]:
+        print(f"  {100 * hits / total:5.1f}%  {frame}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--quorums", type=int, nargs="+", default=[1, 3, 5])
+    parser.add_argument("--sequential-writes", type=int, default=2000)
+    parser.add_argument("--profile", action="store_true", help="print the leader's top entries")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install wrk (Debian's package)", file=sys.stderr)
+        return 2
+
+    quiet = {"LOG_LEVEL": "WARNING"}
+    with tempfile.TemporaryDirectory(prefix="kv-bench-") as logs:
+        cluster = LocalCluster(
+            followers=5,
+            min_delay_ms=0,
+            max_delay_ms=0,
+            base_port=0,
+            extra_env=quiet,
+            log_dir=Path(logs),
+        )
+        bare = Node("bare_fastapi", free_port(), quiet, Path(logs) / "bare.log", cwd=HERE)
+        bare.start()
+        try:
+            cluster.start()
+            wait_healthy([f"http://{HOST}:{bare.port}"], 30)
+            targets = {"ceiling": f"http://{HOST}:{bare.port}/keys"} | {
+                f"W={w}": f"{cluster.leader_url}/keys?w={w}" for w in args.quorums
+            }
+            print(
+                f"5 followers, zero delay; wrk -t1 -c{args.connections}, {args.duration:g} s per "
+                f"run, {args.rounds} round(s)\n"
+            )
+            print(f"{'round':>5} {'target':>8} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+                  f"{'errors':>6} {'wrk cpu':>7}")  # fmt: skip
+            results: dict[str, list[LoadResult]] = {name: [] for name in targets}
+            for round_ in range(1, args.rounds + 1):
+                for name, url in targets.items():
+                    run_wrk(url, 2, args.connections)  # warm-up, discarded
+                    result = run_wrk(url, args.duration, args.connections)
+                    results[name].append(result)
+                    print(
+                        f"{round_:>5} {name:>8} {result.writes_per_s:>9.0f} {result.p50_ms:>7.2f} "
+                        f"{result.p99_ms:>7.2f} {result.errors:>6} {100 * result.wrk_cpu:>6.0f}%",
+                        flush=True,
+                    )
+            seq = {w: asyncio.run(sequential(cluster.leader_url, w, args.sequential_writes))
+                   for w in args.quorums}  # fmt: skip
+            report(results, seq, args.quorums)
+            if args.profile:
+                profile_leader(cluster, args.duration, args.connections, top=5)
+        finally:
+            cluster.stop()
+            bare.stop()
+    return 0
+
+
+def report(
+    results: dict[str, list[LoadResult]], seq: dict[int, tuple[float, float]], quorums: list[int]
+) -> None:
+    def med(name: str, field: str) -> float:
+        return statistics.median(getattr(r, field) for r in results[name])
+
+    ceiling = med("ceiling", "writes_per_s")
+    print(f"\nmedian of {len(results['ceiling'])} round(s):")
+    print(f"{'':>8} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+          f"{'seq p50':>8} {'seq p99':>8} {'of ceiling':>10}")  # fmt: skip
+    ceiling_errors = sum(r.errors for r in results["ceiling"])
+    print(f"{'ceiling':>8} {ceiling:>9.0f} {med('ceiling', 'p50_ms'):>7.2f} "
+          f"{med('ceiling', 'p99_ms'):>7.2f} {ceiling_errors:>6}")  # fmt: skip
+    for w in quorums:
+        name = f"W={w}"
+        print(
+            f"{name:>8} {med(name, 'writes_per_s'):>9.0f} {med(name, 'p50_ms'):>7.2f} "
+            f"{med(name, 'p99_ms'):>7.2f} {sum(r.errors for r in results[name]):>6} "
+            f"{seq[w][0]:>8.2f} {seq[w][1]:>8.2f} {med(name, 'writes_per_s') / ceiling:>10.0%}"
+        )
+    if 1 in quorums and 5 in quorums:
+        ratio = med("W=5", "writes_per_s") / med("W=1", "writes_per_s")
+        print(f"\nW=5 / W=1 throughput: {ratio:.2f}")
+    cpu = max(r.wrk_cpu for rs in results.values() for r in rs)
+    print(f"wrk used at most {100 * cpu:.0f}% of one core")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
