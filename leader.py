@@ -31,6 +31,7 @@ from api import (
     read_router,
     value_too_large,
 )
+from progress import FollowerProgress
 from replication import DelayModel
 from replicator import Delivery, FollowerLink, QuorumOutcome, Replicator, follower_client
 from schemas import (
@@ -74,7 +75,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         replicator.links = [
-            FollowerLink(url, make_client(url), delays, max_in_flight=MAX_IN_FLIGHT_PER_FOLLOWER)
+            FollowerLink(
+                url,
+                make_client(url),
+                delays,
+                FollowerProgress(store.entries, settings.max_replication_queue),
+                max_in_flight=MAX_IN_FLIGHT_PER_FOLLOWER,
+            )
             for url in settings.followers
         ]
         replicator.start()
@@ -139,16 +146,26 @@ def create_app(
         required = settings.quorum if w is None else w
         timeout = (timeout_ms or settings.replication_timeout_ms) / 1000
         futures = replicator.broadcast(entry, started_at)
+        reachable = replicator.confirmable()
+        if reachable < required:
+            timeout = 0  # fail fast: waiting cannot make down followers confirm
         outcome = await replicator.wait_for_quorum(futures, required, timeout)
-        return respond(entry, outcome, started_at)
+        return respond(entry, outcome, started_at, reachable)
 
-    def respond(entry: Entry, outcome: QuorumOutcome, started_at: float) -> Response:
+    def respond(
+        entry: Entry, outcome: QuorumOutcome, started_at: float, reachable: int
+    ) -> Response:
         latency_ms = round((time.monotonic() - started_at) * 1000, 3)
         reports = [delivery_report(d) for d in outcome.deliveries]
         if not outcome.reached:
+            why = (
+                f"only {reachable} of {n} followers are reachable"
+                if reachable < outcome.required
+                else "not in time"
+            )
             message = (
                 f"write quorum not reached: {outcome.acks} of {outcome.required} required "
-                f"follower(s) confirmed in time; the write is applied on the leader as version "
+                f"follower(s) confirmed ({why}); the write is applied on the leader as version "
                 f"{entry.version} and replication to the rest continues in the background"
             )
             body = QuorumError(
@@ -230,10 +247,12 @@ def create_app(
                 FollowerStatus(
                     url=link.url,
                     state=link.state.value,
-                    pending=link.pending,
-                    delivered=link.delivered,
-                    batches=link.batches,
-                    last_error=link.last_error,
+                    lag=max(0, store.last_version - link.progress.follower_last_version),
+                    pending=link.progress.backlog + link.progress.snapshot_outstanding,
+                    delivered=link.progress.delivered,
+                    batches=link.progress.batches,
+                    resyncs=link.progress.resyncs,
+                    last_error=link.progress.last_error,
                 )
                 for link in replicator.links
             ],
@@ -249,6 +268,7 @@ def create_app(
                 min_delay_ms=settings.min_delay_ms,
                 max_delay_ms=settings.max_delay_ms,
                 replication_timeout_ms=settings.replication_timeout_ms,
+                max_replication_queue=settings.max_replication_queue,
                 max_value_bytes=settings.max_value_bytes,
                 development_secret=settings.uses_development_secret,
             ),

@@ -31,6 +31,8 @@ class FollowerState(StrEnum):
     """The last delivery succeeded but ready entries are waiting to ship."""
     DOWN = "down"
     """The last delivery failed; the outbox is retried after a backoff."""
+    RESYNCING = "resyncing"
+    """A snapshot of the whole store is on its way, after a restart or a dropped backlog."""
 
 
 def quorum_reached(acks: int, required: int) -> bool:
@@ -78,6 +80,7 @@ class Shipment:
     attempts: int = 0
     # Whatever the driver wants back when the shipment is confirmed (a future).
     waiter: Any = None
+    resync: bool = False  # part of a snapshot rather than a write
 
     @property
     def size(self) -> int:
@@ -126,6 +129,12 @@ class Outbox:
             size += shipment.size
         batch.sort(key=lambda s: s.entry.version)
         return batch
+
+    def drain(self) -> list[Shipment]:
+        """Remove and return every shipment."""
+        shipments = [item[3] for item in self._heap]
+        self._heap.clear()
+        return shipments
 
     def retry(self, batch: list[Shipment], at: float) -> None:
         """Put a failed batch back, to become ready again at `at`."""

@@ -21,15 +21,8 @@ from dataclasses import dataclass
 import httpx
 
 from auth import SECRET_HEADER
-from replication import (
-    DelayModel,
-    FollowerState,
-    Outbox,
-    Shipment,
-    encode_batch,
-    quorum_reached,
-    retry_backoff,
-)
+from progress import Confirmation, FollowerProgress
+from replication import DelayModel, FollowerState, Shipment, encode_batch, quorum_reached
 from store import Entry
 from transport import KeepAliveTransport
 
@@ -64,31 +57,24 @@ class QuorumOutcome:
 
 
 class FollowerLink:
-    """The leader's connection to one follower: its outbox, client and delivery loop."""
+    """The leader's connection to one follower: its progress, client and delivery loop."""
 
     def __init__(
         self,
         url: str,
         client: httpx.AsyncClient,
         delays: DelayModel,
+        progress: FollowerProgress,
         *,
         clock: Clock = time.monotonic,
-        max_in_flight: int = 2,
-        outbox: Outbox | None = None,
+        max_in_flight: int = 1,
     ) -> None:
         self.url = url
         self.client = client
         self.delays = delays
+        self.progress = progress
         self.clock = clock
         self.max_in_flight = max_in_flight
-        self.outbox = outbox or Outbox()
-        self.in_flight = 0
-        self._on_the_wire = 0
-        self.consecutive_failures = 0
-        self.delivered = 0
-        self.batches = 0
-        self.last_error: str | None = None
-        self._blocked_until = 0.0
         self._wakeup = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -96,29 +82,34 @@ class FollowerLink:
         self._loop_task: asyncio.Task[None] | None = None
         self._request_template: httpx.Request | None = None
 
-    # -- state -------------------------------------------------------------
-
     @property
     def state(self) -> FollowerState:
-        if self.consecutive_failures:
-            return FollowerState.DOWN
-        if self.outbox.ready_count(self.clock()):
-            return FollowerState.LAGGING
-        return FollowerState.UP
-
-    @property
-    def pending(self) -> int:
-        """Entries not yet confirmed by this follower (queued or on the wire)."""
-        return len(self.outbox) + self._on_the_wire
+        return self.progress.state(self.clock())
 
     # -- the write path ----------------------------------------------------
 
     def send(self, entry: Entry, started_at: float) -> asyncio.Future[Delivery]:
-        """Queue `entry` for this follower; the future resolves when the follower confirms it."""
+        """Queue `entry` for this follower; the future resolves when the follower confirms it.
+
+        It resolves with ok=False if the entry will reach the follower only inside a
+        snapshot (the follower's backlog overflowed), since that is not a confirmation.
+        """
         future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
         delay_ms = self.delays.draw_ms()
         ready_at = started_at + delay_ms / 1000
-        self.outbox.add(Shipment(entry, delay_ms, started_at, ready_at, waiter=future))
+        shipment = Shipment(entry, delay_ms, started_at, ready_at, waiter=future)
+        undeliverable = self.progress.queue(shipment)
+        if undeliverable:
+            log.warning(
+                "follower %s has %d entries queued (MAX_REPLICATION_QUEUE); dropped them and "
+                "queued a snapshot of the store instead",
+                self.url,
+                len(undeliverable),
+            )
+            now = self.clock()
+            for dropped in undeliverable:
+                self._resolve(dropped, now, ok=False)
+            ready_at = now
         self._wake_at(ready_at)
         return future
 
@@ -147,41 +138,40 @@ class FollowerLink:
         while True:
             self._wakeup.clear()
             now = self.clock()
-            if self.in_flight < self.max_in_flight and now >= self._blocked_until:
-                batch = self.outbox.take_ready(now)
-                if batch:
-                    self._ship_in_background(batch)
-                    continue
-                next_ready = self.outbox.next_ready_at()
-                if next_ready is not None:
-                    self._wake_at(next_ready)
-            elif self.in_flight < self.max_in_flight:
-                self._wake_at(self._blocked_until)
+            batch = self.progress.next_batch(now, self.max_in_flight)
+            if batch is not None:
+                self.progress.sending(batch, now)
+                task = asyncio.create_task(self._ship(batch))
+                self._sends.add(task)
+                task.add_done_callback(self._sends.discard)
+                continue
+            wake = self.progress.next_wake(now, self.max_in_flight)
+            if wake is not None and wake != float("inf"):
+                self._wake_at(wake)
             await self._wakeup.wait()
 
-    def _ship_in_background(self, batch: list[Shipment]) -> None:
-        self.in_flight += 1
-        self._on_the_wire += len(batch)
-        task = asyncio.create_task(self._ship(batch))
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
-
     async def _ship(self, batch: list[Shipment]) -> None:
+        """Send one batch (or an empty heartbeat) and report the outcome to the progress."""
         error: str | None = None
+        confirmation: Confirmation | None = None
         try:
             response = await self.client.send(self._batch_request(batch))
-            if response.status_code != 200:
+            if response.status_code == 200:
+                body = response.json()
+                confirmation = Confirmation(str(body["node_id"]), int(body["last_version"]))
+            else:
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except (ValueError, KeyError, TypeError) as exc:
+            error = f"unexpected confirmation: {exc!r}"
         finally:
-            self.in_flight -= 1
-            self._on_the_wire -= len(batch)
             self._wakeup.set()
-        if error is None:
-            self._confirm(batch)
+        now = self.clock()
+        if confirmation is not None:
+            self._confirm(batch, confirmation, now)
         else:
-            self._fail(batch, error)
+            self._fail(batch, error or "unknown error", now)
 
     def _batch_request(self, batch: list[Shipment]) -> httpx.Request:
         """`client.build_request` re-parses and merges the URL and headers for every batch;
@@ -201,36 +191,39 @@ class FollowerLink:
             extensions=template.extensions,
         )
 
-    def _confirm(self, batch: list[Shipment]) -> None:
-        if self.consecutive_failures:
+    def _confirm(self, batch: list[Shipment], confirmation: Confirmation, now: float) -> None:
+        known = self.progress.node_id
+        resyncs = self.progress.resyncs
+        if self.progress.handle_success(batch, confirmation, now):
             log.info("follower %s is reachable again", self.url)
-        self.consecutive_failures = 0
-        self.last_error = None
-        self.delivered += len(batch)
-        self.batches += 1
-        now = self.clock()
+        if self.progress.resyncs != resyncs and known is not None:
+            log.warning(
+                "follower %s restarted (node %s, was %s); resyncing it with a snapshot",
+                self.url,
+                confirmation.node_id[:8],
+                known[:8],
+            )
         for shipment in batch:
-            future = shipment.waiter
-            if future is not None and not future.done():
-                future.set_result(
-                    Delivery(
-                        follower=self.url,
-                        ok=True,
-                        delay_ms=round(shipment.delay_ms, 3),
-                        latency_ms=round((now - shipment.enqueued_at) * 1000, 3),
-                        attempts=shipment.attempts + 1,
-                    )
-                )
+            self._resolve(shipment, now, ok=True)
 
-    def _fail(self, batch: list[Shipment], error: str) -> None:
-        self.consecutive_failures += 1
-        self.last_error = error
-        backoff = retry_backoff(self.consecutive_failures)
-        self._blocked_until = self.clock() + backoff
-        self.outbox.retry(batch, self._blocked_until)
-        log_at = logging.WARNING if self.consecutive_failures in (1, 10) else logging.DEBUG
+    def _resolve(self, shipment: Shipment, now: float, ok: bool) -> None:
+        future = shipment.waiter
+        if future is not None and not future.done():
+            future.set_result(
+                Delivery(
+                    follower=self.url,
+                    ok=ok,
+                    delay_ms=round(shipment.delay_ms, 3),
+                    latency_ms=round((now - shipment.enqueued_at) * 1000, 3),
+                    attempts=shipment.attempts + 1,
+                )
+            )
+
+    def _fail(self, batch: list[Shipment], error: str, now: float) -> None:
+        backoff = self.progress.handle_failure(batch, now, error)
+        failures = self.progress.consecutive_failures
         log.log(
-            log_at,
+            logging.WARNING if failures in (1, 10) else logging.DEBUG,
             "delivery of %d entries to %s failed (%s); retrying in %.0f ms",
             len(batch),
             self.url,
@@ -270,6 +263,10 @@ class Replicator:
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))
+
+    def confirmable(self) -> int:
+        """Followers whose confirmation a new write can count on: not down."""
+        return sum(1 for link in self.links if link.progress.can_confirm)
 
     def broadcast(self, entry: Entry, started_at: float) -> list[asyncio.Future[Delivery]]:
         return [link.send(entry, started_at) for link in self.links]

@@ -92,7 +92,10 @@ class StateResponse(BaseModel):
 
 class FollowerStatus(BaseModel):
     url: str
-    state: Literal["up", "lagging", "down"]
+    state: Literal["up", "lagging", "down", "resyncing"]
+    lag: int = Field(
+        description="Versions behind: the leader's last_version minus the follower's last report."
+    )
     pending: int = Field(description="Entries not yet confirmed by this follower.")
     delivered: int = Field(description="Entries this follower has confirmed.")
     batches: int = Field(
@@ -120,6 +123,7 @@ class LeaderConfig(BaseModel):
     min_delay_ms: float
     max_delay_ms: float
     replication_timeout_ms: float
+    max_replication_queue: int
     max_value_bytes: int
     development_secret: bool = Field(
         description="True while REPLICATION_SECRET is the documented default."

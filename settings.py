@@ -62,6 +62,8 @@ class LeaderSettings(NodeSettings):
     min_delay_ms: float = Field(0, ge=0, le=3_600_000)
     max_delay_ms: float = Field(1000, ge=0, le=3_600_000)
     replication_timeout_ms: float = Field(5000, gt=0, le=3_600_000)
+    # Entries queued for one follower before it is cut over to a snapshot resync.
+    max_replication_queue: int = Field(100_000, ge=1)
 
     @field_validator("followers", mode="before")
     @classmethod

@@ -413,7 +413,26 @@ async def test_killed_follower_fails_only_writes_that_need_it(
     )
     assert enough.status_code == 200
     faults.restart_follower(n - 1)
+    took = await eventually(
+        all_up_check(client, cluster), convergence_deadline(cluster), "the leader seeing it up"
+    )
+    print(f"the leader saw the restarted follower up after {took:.2f} s")
     key = unique()
     after = await client.post(f"{cluster.leader}/keys?w={n}", json={"key": key, "value": 1})
     assert after.status_code == 200, "a restarted follower receives new writes"
     assert (await client.get(f"{cluster.followers[-1]}/keys/{key}")).status_code == 200
+    # It came back with an empty memory; the leader's resync gives it what it missed.
+    missed = enough.json()
+    await eventually(
+        holds_check(client, cluster, missed["key"], missed["version"]),
+        convergence_deadline(cluster),
+        "the restarted follower catching up",
+    )
+
+
+def all_up_check(client: httpx.AsyncClient, cluster: Cluster) -> Check:
+    async def check() -> bool:
+        health = (await client.get(f"{cluster.leader}/health")).json()
+        return all(replica["state"] == "up" for replica in health["replicas"])
+
+    return check

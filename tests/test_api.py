@@ -254,20 +254,50 @@ async def test_leader_returns_at_quorum_and_the_rest_complete_in_the_background(
         await eventually(delivered)
 
 
+async def up(cluster: InProcessCluster) -> bool:
+    replicas = (await cluster.leader.get("/health")).json()["replicas"]
+    return all(r["state"] == "up" for r in replicas)
+
+
 async def test_failed_deliveries_are_retried_until_confirmed():
     transports: list[ControlledTransport] = []
 
     def wrap(i, app):
         transports.append(ControlledTransport(app))
-        transports[-1].failures_left = 3 if i == 0 else 0
         return transports[-1]
 
     async with in_process_cluster(wrap=wrap) as cluster:
+        await eventually(lambda: up(cluster))
+        transports[0].failures_left = 3
         response = await cluster.leader.post("/keys?w=3", json={"key": "k", "value": 1})
         assert response.status_code == 200
         attempts = {r["follower"]: r["attempts"] for r in response.json()["replication"]}
         assert attempts["http://follower0.test"] == 4
-        assert transports[0].attempts == 4
+        health = (await cluster.leader.get("/health")).json()
+        assert health["replicas"][0]["state"] == "up"
+
+
+async def test_writes_fail_fast_while_too_few_followers_are_reachable():
+    transports: list[ControlledTransport] = []
+
+    def wrap(i, app):
+        transports.append(ControlledTransport(app))
+        transports[-1].unreachable = i > 0
+        return transports[-1]
+
+    async with in_process_cluster(wrap=wrap, replication_timeout_ms=30_000) as cluster:
+
+        async def two_down() -> bool:
+            replicas = (await cluster.leader.get("/health")).json()["replicas"]
+            return [r["state"] for r in replicas] == ["up", "down", "down"]
+
+        await eventually(two_down)
+        started = asyncio.get_running_loop().time()
+        response = await cluster.leader.post("/keys?w=2", json={"key": "k", "value": 1})
+        assert asyncio.get_running_loop().time() - started < 1, "no wait for the 30 s timeout"
+        assert response.status_code == 503
+        assert "only 1 of 3 followers are reachable" in response.json()["error"]
+        assert (await cluster.leader.post("/keys?w=1", json={"key": "k", "value": 2})).is_success
 
 
 async def test_asynchronous_writes_converge(cluster: InProcessCluster):

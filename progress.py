@@ -1,0 +1,177 @@
+"""What the leader knows of one follower, and what it should send next. No I/O.
+
+This is the per-follower state machine of the replication core, after raft's
+`Progress`: the delivery loop in replicator.py asks it for the next batch, does
+the HTTP, and reports back with :meth:`handle_success` or :meth:`handle_failure`.
+
+Catch-up works in two ways:
+
+* **Redelivery.** Entries a follower has not confirmed stay in its outbox and
+  are retried with backoff, so a follower that was frozen or unreachable gets
+  everything it missed as soon as it answers.
+* **Full resync.** Entries the follower had confirmed are gone if it restarted
+  with an empty memory, and a follower that stays away too long would make its
+  outbox grow without limit. Both end the same way: the outbox is dropped
+  (past `max_backlog`) or kept (after a restart), and a *snapshot* of the
+  leader's store, tombstones included, is queued for the follower. Apply-if-newer
+  makes that safe in any order and any number of times.
+
+A follower reports a `node_id`, random per process start, with every
+confirmation, which is how a restart is noticed. Time is always passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from replication import FollowerState, Outbox, Shipment, retry_backoff
+from store import Entry
+
+HEARTBEAT_S = 0.5
+"""An idle follower is contacted this often, so a restart or recovery is seen quickly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """What a follower said when it confirmed a batch."""
+
+    node_id: str
+    last_version: int
+
+
+class FollowerProgress:
+    def __init__(
+        self,
+        snapshot: Callable[[], list[Entry]],
+        max_backlog: int = 100_000,
+        *,
+        outbox: Outbox | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
+    ) -> None:
+        if max_backlog < 1:
+            raise ValueError("max_backlog must be at least 1")
+        self.snapshot = snapshot
+        self.max_backlog = max_backlog
+        self.heartbeat_s = heartbeat_s
+        self.outbox = outbox or Outbox()
+        self.batches_in_flight = 0
+        self.entries_in_flight = 0
+        self.consecutive_failures = 0
+        self.blocked_until = 0.0
+        self.last_attempt = float("-inf")
+        self.last_error: str | None = None
+        self.node_id: str | None = None
+        self.follower_last_version = 0
+        self.snapshot_outstanding = 0
+        self.resyncs = 0
+        self.delivered = 0
+        self.batches = 0
+
+    # -- what the leader knows ---------------------------------------------
+
+    def state(self, now: float) -> FollowerState:
+        if self.consecutive_failures:
+            return FollowerState.DOWN
+        if self.snapshot_outstanding:
+            return FollowerState.RESYNCING
+        if self.outbox.ready_count(now):
+            return FollowerState.LAGGING
+        return FollowerState.UP
+
+    @property
+    def backlog(self) -> int:
+        """Entries queued for this follower or on the wire, not counting a snapshot."""
+        return len(self.outbox) + self.entries_in_flight - self.snapshot_outstanding
+
+    @property
+    def can_confirm(self) -> bool:
+        """Whether a new write can count on this follower's confirmation soon."""
+        return not self.consecutive_failures
+
+    # -- the write path ----------------------------------------------------
+
+    def queue(self, shipment: Shipment) -> list[Shipment]:
+        """Queue a shipment; return the shipments that will not be confirmed one by one.
+
+        Usually nothing. Past `max_backlog`, the whole outbox is dropped and
+        replaced by a snapshot of the store (which holds the new entry too), so
+        the leader's memory stays bounded however long a follower stays away.
+        """
+        if self.backlog >= self.max_backlog:
+            dropped = self.outbox.drain()
+            self.snapshot_outstanding -= sum(1 for s in dropped if s.resync)
+            self.resync(shipment.enqueued_at)
+            return [*dropped, shipment]
+        self.outbox.add(shipment)
+        return []
+
+    def resync(self, now: float) -> None:
+        """Queue the leader's whole store for this follower, ready at once."""
+        entries = self.snapshot()
+        for entry in entries:
+            self.outbox.add(Shipment(entry, 0.0, now, now, resync=True))
+        self.snapshot_outstanding += len(entries)
+        self.resyncs += 1
+
+    # -- the delivery loop -------------------------------------------------
+
+    def next_batch(self, now: float, max_in_flight: int) -> list[Shipment] | None:
+        """The batch to send now; an empty list is a heartbeat; None means wait."""
+        if self.batches_in_flight >= max_in_flight or now < self.blocked_until:
+            return None
+        batch = self.outbox.take_ready(now)
+        if batch:
+            return batch
+        idle = self.batches_in_flight == 0
+        if idle and now - self.last_attempt >= self.heartbeat_s:
+            return []
+        return None
+
+    def next_wake(self, now: float, max_in_flight: int) -> float | None:
+        """When :meth:`next_batch` may next have something; None until a batch returns."""
+        if self.batches_in_flight >= max_in_flight:
+            return None
+        if now < self.blocked_until:
+            return self.blocked_until
+        candidates = [self.outbox.next_ready_at() or float("inf")]
+        if self.batches_in_flight == 0:
+            candidates.append(self.last_attempt + self.heartbeat_s)
+        return min(candidates)
+
+    def sending(self, batch: list[Shipment], now: float) -> None:
+        self.batches_in_flight += 1
+        self.entries_in_flight += len(batch)
+        self.last_attempt = now
+
+    def handle_success(self, batch: list[Shipment], confirmation: Confirmation, now: float) -> bool:
+        """Record a confirmed batch. Returns True if the follower was unreachable until now."""
+        recovered = self.consecutive_failures > 0
+        self._returned(batch)
+        self.consecutive_failures = 0
+        self.last_error = None
+        self.delivered += len(batch)
+        self.batches += 1
+        self.snapshot_outstanding -= sum(1 for s in batch if s.resync)
+        known = self.node_id
+        self.node_id = confirmation.node_id
+        self.follower_last_version = confirmation.last_version
+        if known != confirmation.node_id:
+            # A restarted follower lost what it had confirmed, and a follower met for
+            # the first time (after the leader started) may lack anything.
+            self.resync(now)
+        return recovered
+
+    def handle_failure(self, batch: list[Shipment], now: float, error: str) -> float:
+        """Put a failed batch back behind a backoff; return the backoff in seconds."""
+        self._returned(batch)
+        self.consecutive_failures += 1
+        self.last_error = error
+        backoff = retry_backoff(self.consecutive_failures)
+        self.blocked_until = now + backoff
+        self.outbox.retry(batch, self.blocked_until)
+        return backoff
+
+    def _returned(self, batch: list[Shipment]) -> None:
+        self.batches_in_flight -= 1
+        self.entries_in_flight -= len(batch)
