@@ -101,6 +101,9 @@ class FollowerStatus(BaseModel):
     batches: int = Field(
         description="Requests that carried them: delivered/batches is the batch size."
     )
+    resyncs: int = Field(
+        description="Snapshots sent: at first contact, after a restart, after an overflowing queue."
+    )
     last_error: str | None = None
 
 
