@@ -232,7 +232,8 @@ class LocalCluster:
         return self.log_dir / (f"{role}{index}.log" if role == "follower" else f"{role}.log")
 
     def stop(self) -> None:
-        for node in reversed(self.nodes):
+        """Leader first, so it does not log the followers' departure as failures."""
+        for node in self.nodes:
             node.stop()
 
     def __enter__(self) -> LocalCluster:

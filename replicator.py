@@ -224,8 +224,8 @@ class FollowerLink:
         failures = self.progress.consecutive_failures
         log.log(
             logging.WARNING if failures in (1, 10) else logging.DEBUG,
-            "delivery of %d entries to %s failed (%s); retrying in %.0f ms",
-            len(batch),
+            "%s to %s failed (%s); retrying in %.0f ms",
+            f"delivery of {len(batch)} entries" if batch else "heartbeat",
             self.url,
             error,
             backoff * 1000,
