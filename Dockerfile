@@ -30,6 +30,10 @@ RUN set -eu; \
 WORKDIR /app
 COPY *.py ./
 
+# DATA_DIR lives here: a named volume mounted on it starts owned by the service's uid.
+RUN mkdir /data && chown 10001:10001 /data
+VOLUME /data
+
 # Not root: a fixed unprivileged uid works on any base, with or without useradd.
 USER 10001:10001
 EXPOSE 8000

@@ -3,6 +3,7 @@
     python cluster.py                       # leader on 8000, followers on 8001-8005
     python cluster.py --followers 3 --quorum 2 --max-delay-ms 200 --base-port 9000
     python cluster.py --base-port 0         # free ports, printed at start-up
+    python cluster.py --memory              # no DATA_DIR (default: each node's log in .data/)
 
 Ctrl-C stops every process. The same :class:`LocalCluster` is what the tests and
 scripts use when no running cluster is given, and it doubles as their fault
@@ -14,6 +15,7 @@ stack; both satisfy :class:`ClusterControl`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import signal
@@ -76,11 +78,27 @@ def wait_healthy(
             time.sleep(0.05)
 
 
+def die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the launcher dies.
+
+    Otherwise a launcher killed without a chance to clean up (SIGKILL, or a test
+    runner's timeout) would leave its nodes running, holding their ports.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 class ClusterControl(Protocol):
     """Fault injection by follower index (0-based), whatever runs the nodes."""
 
+    def kill_leader(self) -> None: ...
+    def restart_leader(self) -> None: ...
     def kill_follower(self, index: int) -> None: ...
-    def restart_follower(self, index: int) -> None: ...
+    def restart_follower(self, index: int, fresh: bool = False) -> None: ...
     def pause_follower(self, index: int) -> None: ...
     def resume_follower(self, index: int) -> None: ...
     def ensure_running(self) -> None: ...
@@ -121,6 +139,7 @@ class Node:
                 # Its own process group: a Ctrl-C in the terminal reaches only the
                 # launcher, which then stops every node in order.
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         finally:
             if self.log_path:
@@ -164,6 +183,8 @@ class LocalCluster:
     secret: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
+    # Each node keeps its log in a folder of its own under here; None: memory only.
+    data_dir: Path | None = None
     nodes: list[Node] = field(default_factory=list, init=False)
 
     def _ports(self) -> list[int]:
@@ -187,13 +208,14 @@ class LocalCluster:
             Node(
                 "follower",
                 port,
-                {**common, "LEADER_URL": leader_url},
+                {**common, "LEADER_URL": leader_url, **self._data(f"follower{i + 1}")},
                 self._log("follower", i + 1),
             )
             for i, port in enumerate(follower_ports)
         ]
         leader_env = {
             **common,
+            **self._data("leader"),
             "FOLLOWERS": ",".join(node.url for node in followers),
             "MIN_DELAY_MS": f"{self.min_delay_ms:g}",
             "MAX_DELAY_MS": f"{self.max_delay_ms:g}",
@@ -225,6 +247,9 @@ class LocalCluster:
             raise
         return self
 
+    def _data(self, name: str) -> dict[str, str]:
+        return {} if self.data_dir is None else {"DATA_DIR": str(self.data_dir / name)}
+
     def _log(self, role: str, index: int) -> Path | None:
         if self.log_dir is None:
             return None
@@ -254,13 +279,26 @@ class LocalCluster:
 
     # -- faults, by follower index (0-based) ------------------------------
 
+    def kill_leader(self) -> None:
+        """SIGKILL the leader: no shutdown, no final fsync."""
+        self.nodes[0].kill()
+
+    def restart_leader(self, timeout: float = 30.0) -> None:
+        node = self.nodes[0]
+        node.stop()
+        node.start()
+        wait_healthy([node.url], timeout, [node.process] if node.process else [])
+
     def kill_follower(self, index: int) -> None:
         """SIGKILL: the process and everything it held in memory are gone."""
         self.nodes[index + 1].kill()
 
-    def restart_follower(self, index: int, timeout: float = 30.0) -> None:
+    def restart_follower(self, index: int, fresh: bool = False, timeout: float = 30.0) -> None:
+        """Start it again; `fresh` first deletes its DATA_DIR, so it comes back empty."""
         node = self.nodes[index + 1]
         node.stop()
+        if fresh and "DATA_DIR" in node.env:
+            shutil.rmtree(node.env["DATA_DIR"], ignore_errors=True)
         node.start()
         wait_healthy([node.url], timeout, [node.process] if node.process else [])
 
@@ -272,7 +310,9 @@ class LocalCluster:
         self.nodes[index + 1].signal(signal.SIGCONT)
 
     def ensure_running(self) -> None:
-        """Restart any follower that is not running, e.g. after a test killed it."""
+        """Restart any node that is not running, e.g. after a test killed it."""
+        if not self.nodes[0].running:
+            self.restart_leader()
         for index, node in enumerate(self.nodes[1:]):
             if not node.running:
                 self.restart_follower(index)
@@ -287,12 +327,14 @@ class ComposeCluster:
     def __init__(
         self,
         project: str,
+        leader_url: str,
         follower_urls: list[str],
         *,
         compose_file: Path = ROOT / "docker-compose.yml",
         command: list[str] | None = None,
     ) -> None:
         self.project = project
+        self.leader_url = leader_url
         self.follower_urls = follower_urls
         self.compose_file = compose_file
         self.command = command or default_compose_command()
@@ -305,12 +347,32 @@ class ComposeCluster:
     def _service(self, index: int) -> str:
         return f"follower{index + 1}"
 
+    def kill_leader(self) -> None:
+        """SIGKILL the leader's process: no shutdown, no final fsync."""
+        self._compose("kill", "-s", "SIGKILL", "leader")
+
+    def restart_leader(self, timeout: float = 60.0) -> None:
+        self._compose("start", "leader")
+        wait_healthy([self.leader_url], timeout)
+
     def kill_follower(self, index: int) -> None:
         """Stop the container at once (`stop -t 0`), so its restart policy leaves it down."""
         self._compose("stop", "-t", "0", self._service(index))
 
-    def restart_follower(self, index: int, timeout: float = 60.0) -> None:
-        self._compose("start", self._service(index))
+    def restart_follower(self, index: int, fresh: bool = False, timeout: float = 60.0) -> None:
+        """Start it again; `fresh` first removes the container and its data volume."""
+        service = self._service(index)
+        if fresh:
+            self._compose("rm", "-s", "-f", service)
+            subprocess.run(
+                ["docker", "volume", "rm", "-f", f"{self.project}_{service}-data"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self._compose("up", "-d", "--no-deps", service)
+        else:
+            self._compose("start", service)
         wait_healthy([self.follower_urls[index]], timeout)
 
     def pause_follower(self, index: int) -> None:
@@ -325,8 +387,9 @@ class ComposeCluster:
     def ensure_running(self) -> None:
         for index in sorted(self._paused):
             self.resume_follower(index)
-        self._compose("start", *(self._service(i) for i in range(len(self.follower_urls))))
-        wait_healthy(self.follower_urls, 60.0)
+        services = [self._service(i) for i in range(len(self.follower_urls))]
+        self._compose("start", "leader", *services)
+        wait_healthy([self.leader_url, *self.follower_urls], 60.0)
 
 
 def default_compose_command() -> list[str]:
@@ -365,6 +428,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="leader port; followers follow (0: free ports)",
     )
     parser.add_argument("--log-dir", type=Path, default=None, help="write each node's log here")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=ROOT / ".data",
+        help="each node's DATA_DIR goes in a folder under here (default .data)",
+    )
+    parser.add_argument("--memory", action="store_true", help="keep no data on disk (no DATA_DIR)")
     args = parser.parse_args(argv)
     if args.followers < 0:
         parser.error("--followers must be 0 or more")
@@ -390,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_ms=args.timeout_ms,
         base_port=args.base_port,
         log_dir=args.log_dir,
+        data_dir=None if args.memory else args.data_dir,
     )
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
@@ -397,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leader    {cluster.leader_url}   (API docs: {cluster.leader_url}/docs)")
         for i, url in enumerate(cluster.follower_urls, 1):
             print(f"follower{i} {url}")
-        print("Ctrl-C stops the cluster.", flush=True)
+        where = f"data in {cluster.data_dir}" if cluster.data_dir else "memory only"
+        print(f"{where}; Ctrl-C stops the cluster.", flush=True)
         while all(node.running for node in cluster.nodes):
             time.sleep(0.5)
         failed = [node for node in cluster.nodes if not node.running]
@@ -413,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster failed to start: {error}", file=sys.stderr)
         return 1
     finally:
+        # A second Ctrl-C (or SIGTERM to the whole group) must not interrupt the shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.stop()
 
 

@@ -16,19 +16,29 @@ from fastapi import FastAPI, HTTPException, Response
 
 from api import KeyPath, install_error_handlers, read_router
 from auth import SECRET_HEADER, RequireSecret
+from durability import Storage
 from schemas import (
     ErrorResponse,
     FollowerConfig,
+    FollowerEntries,
     HealthResponse,
     NodeInfo,
+    ReplicatedEntry,
     ReplicateRequest,
     ReplicateResponse,
 )
 from settings import FollowerSettings, configure_logging, load_settings
-from store import Entry, VersionedStore
+from store import Entry
 
 log = logging.getLogger("kvstore.follower")
 
+SECRET_PARAMETER = {
+    "name": SECRET_HEADER,
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "REPLICATION_SECRET, shared by the leader and followers.",
+}
 REJECTED_WRITE: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorResponse, "description": "Followers accept no writes."}
 }
@@ -37,28 +47,38 @@ REJECTED_WRITE: dict[int | str, dict[str, Any]] = {
 def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     settings = settings or load_settings(FollowerSettings)
     configure_logging(settings)
-    store = VersionedStore()
+    storage = Storage(settings.data_dir, settings.appendfsync)
+    store = storage.store
     node_id = uuid.uuid4().hex
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        storage.open()
         log.info(
             "follower %s ready; leader is %s",
             node_id[:8],
             settings.leader_url or "not set",
         )
-        yield
+        try:
+            yield
+        finally:
+            await storage.close()
 
     app = FastAPI(
         title="Replicated KV store: follower",
         summary="Applies the leader's versioned entries and serves reads.",
         lifespan=lifespan,
+        # Bodies are refused with 413 while they are read, not after: one batch holds at
+        # most 4 MiB of entries, or a single larger entry.
+        max_body_size=4 * 1024 * 1024 + settings.max_body_bytes,
     )
     install_error_handlers(app)
     app.include_router(read_router(store, "follower"))
 
     app.add_middleware(
-        RequireSecret, secret=settings.replication_secret, paths=frozenset({"/replicate"})
+        RequireSecret,
+        secret=settings.replication_secret,
+        paths=frozenset({"/replicate", "/replicate/entries"}),
     )
 
     @app.post(
@@ -66,17 +86,7 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         response_model=ReplicateResponse,
         responses={401: {"model": ErrorResponse, "description": "Missing or wrong secret."}},
         # The header is checked by RequireSecret, before routing; documented here.
-        openapi_extra={
-            "parameters": [
-                {
-                    "name": SECRET_HEADER,
-                    "in": "header",
-                    "required": True,
-                    "schema": {"type": "string"},
-                    "description": "REPLICATION_SECRET, shared by the leader and followers.",
-                }
-            ]
-        },
+        openapi_extra={"parameters": [SECRET_PARAMETER]},
         tags=["internal"],
     )
     async def replicate(body: ReplicateRequest) -> Response:
@@ -86,14 +96,37 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         """
         entries = [Entry(e.key, e.value, e.version, e.deleted) for e in body.entries]
         result = store.apply_batch(entries)
+        storage.record(result.applied)
+        await storage.sync()  # with APPENDFSYNC=always, confirmed only once on disk
         confirmation = ReplicateResponse(
-            applied=result.applied,
+            applied=len(result.applied),
             stale=result.stale,
             last_version=store.last_version,
             node_id=node_id,
         )
         # Serialised directly: the model is already valid, so FastAPI need not check it again.
         return Response(confirmation.model_dump_json(), media_type="application/json")
+
+    @app.get(
+        "/replicate/entries",
+        response_model=FollowerEntries,
+        responses={401: {"model": ErrorResponse, "description": "Missing or wrong secret."}},
+        openapi_extra={"parameters": [SECRET_PARAMETER]},
+        tags=["internal"],
+    )
+    async def entries() -> FollowerEntries:
+        """Every entry this follower holds, tombstones included.
+
+        A leader that restarts without its data reads these to rebuild its store.
+        """
+        return FollowerEntries(
+            entries=[
+                ReplicatedEntry(key=e.key, value=e.value, version=e.version, deleted=e.deleted)
+                for e in store.entries()
+            ],
+            last_version=store.last_version,
+            node_id=node_id,
+        )
 
     def refuse_write() -> HTTPException:
         where = (
@@ -137,6 +170,8 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
             config=FollowerConfig(
                 leader_url=settings.leader_url,
                 max_value_bytes=settings.max_value_bytes,
+                data_dir=str(settings.data_dir) if settings.data_dir else None,
+                appendfsync=settings.appendfsync.value,
                 development_secret=settings.uses_development_secret,
             ),
         )

@@ -31,7 +31,8 @@ from api import (
     read_router,
     value_too_large,
 )
-from progress import FollowerProgress
+from durability import Storage
+from progress import Confirmation, FollowerProgress
 from replication import DelayModel
 from replicator import Delivery, FollowerLink, QuorumOutcome, Replicator, follower_client
 from schemas import (
@@ -47,7 +48,7 @@ from schemas import (
     WriteResponse,
 )
 from settings import LeaderSettings, configure_logging, load_settings
-from store import Entry, VersionedStore, encode_json
+from store import Entry, encode_json
 
 log = logging.getLogger("kvstore.leader")
 
@@ -64,7 +65,8 @@ def create_app(
     """Build a leader app. Tests pass `client_factory` to reach followers in-process."""
     settings = settings or load_settings(LeaderSettings)
     configure_logging(settings)
-    store = VersionedStore()
+    storage = Storage(settings.data_dir, settings.appendfsync)
+    store = storage.store
     delays = DelayModel(settings.min_delay_ms, settings.max_delay_ms, rng or random.Random())
     make_client = client_factory or (
         lambda url: follower_client(url, settings.replication_secret, MAX_IN_FLIGHT_PER_FOLLOWER)
@@ -72,8 +74,14 @@ def create_app(
     replicator = Replicator([])
     n = len(settings.followers)
 
+    def observe(confirmation: Confirmation) -> None:
+        # A follower that saw versions this leader never assigned (they were lost with
+        # a previous leader's memory) must not see them assigned again.
+        store.advance_to(confirmation.last_version)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        storage.open()
         replicator.links = [
             FollowerLink(
                 url,
@@ -81,9 +89,11 @@ def create_app(
                 delays,
                 FollowerProgress(store.entries, settings.max_replication_queue),
                 max_in_flight=MAX_IN_FLIGHT_PER_FOLLOWER,
+                on_confirmation=observe,
             )
             for url in settings.followers
         ]
+        await rebuild_from_followers()
         replicator.start()
         if settings.write_quorum is None and n < 3:
             log.warning("WRITE_QUORUM is not set; with %d follower(s) it defaults to %d", n, n)
@@ -98,11 +108,33 @@ def create_app(
             yield
         finally:
             await replicator.close()
+            await storage.close()
+
+    async def rebuild_from_followers() -> None:
+        """Take any newer entry the followers hold: the newest version of each key wins.
+
+        Without DATA_DIR this is how a restarted leader gets its data back; with it, it
+        recovers what an fsync policy other than `always` lost in a crash.
+        """
+        if not replicator.links:
+            return
+        entries, last_version, reached = await replicator.gather_entries()
+        newer = store.apply_batch(entries).applied
+        store.advance_to(last_version)
+        storage.record(newer)
+        log.info(
+            "start-up: took %d newer entries from %d of %d followers; next version is %d",
+            len(newer),
+            reached,
+            n,
+            store.last_version + 1,
+        )
 
     app = FastAPI(
         title="Replicated KV store: leader",
         summary="Accepts writes, versions them and replicates them to a quorum of followers.",
         lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,  # 413 while reading, before anything is parsed
     )
     install_error_handlers(app)
     app.include_router(read_router(store, "leader"))
@@ -146,6 +178,7 @@ def create_app(
         required = settings.quorum if w is None else w
         timeout = (timeout_ms or settings.replication_timeout_ms) / 1000
         futures = replicator.broadcast(entry, started_at)
+        await storage.sync()  # with APPENDFSYNC=always, on disk before it is acknowledged
         reachable = replicator.confirmable()
         if reachable < required:
             timeout = 0  # fail fast: waiting cannot make down followers confirm
@@ -193,6 +226,7 @@ def create_app(
         started_at = time.monotonic()
         value_json = encode_value(value)
         entry = store.put(key, value, value_json)  # version and apply, with no await between
+        storage.record([entry])
         return await replicate(entry, started_at, w, timeout_ms)
 
     @app.post(
@@ -229,6 +263,7 @@ def create_app(
         entry = store.delete(key)
         if entry is None:
             raise key_not_found(key)
+        storage.record([entry])
         return await replicate(entry, started_at, w, timeout_ms)
 
     @app.get(
@@ -270,6 +305,8 @@ def create_app(
                 replication_timeout_ms=settings.replication_timeout_ms,
                 max_replication_queue=settings.max_replication_queue,
                 max_value_bytes=settings.max_value_bytes,
+                data_dir=str(settings.data_dir) if settings.data_dir else None,
+                appendfsync=settings.appendfsync.value,
                 development_secret=settings.uses_development_secret,
             ),
         )

@@ -68,8 +68,10 @@ class FollowerLink:
         *,
         clock: Clock = time.monotonic,
         max_in_flight: int = 1,
+        on_confirmation: Callable[[Confirmation], None] | None = None,
     ) -> None:
         self.url = url
+        self.on_confirmation = on_confirmation
         self.client = client
         self.delays = delays
         self.progress = progress
@@ -192,6 +194,8 @@ class FollowerLink:
         )
 
     def _confirm(self, batch: list[Shipment], confirmation: Confirmation, now: float) -> None:
+        if self.on_confirmation is not None:
+            self.on_confirmation(confirmation)
         known = self.progress.node_id
         resyncs = self.progress.resyncs
         if self.progress.handle_success(batch, confirmation, now):
@@ -263,6 +267,32 @@ class Replicator:
 
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))
+
+    async def gather_entries(self, timeout: float = 2.0) -> tuple[list[Entry], int, int]:
+        """Every entry the reachable followers hold, tombstones included, for a restarted
+        leader to rebuild from: (entries, highest last_version seen, followers reached)."""
+
+        async def fetch(link: FollowerLink) -> tuple[list[Entry], int] | None:
+            try:
+                # A hard deadline too: a follower that accepts but never answers (frozen)
+                # must not hold up the leader's start.
+                async with asyncio.timeout(timeout + 1):
+                    response = await link.client.get("/replicate/entries", timeout=timeout)
+                response.raise_for_status()
+                body = response.json()
+                entries = [
+                    Entry.create(e["key"], e["value"], int(e["version"]), bool(e["deleted"]))
+                    for e in body["entries"]
+                ]
+                return entries, int(body["last_version"])
+            except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+                log.warning("could not read %s's entries at start-up: %r", link.url, exc)
+                return None
+
+        answers = [a for a in await asyncio.gather(*map(fetch, self.links)) if a]
+        entries = [entry for found, _ in answers for entry in found]
+        last_version = max((version for _, version in answers), default=0)
+        return entries, last_version, len(answers)
 
     def confirmable(self) -> int:
         """Followers whose confirmation a new write can count on: not down."""

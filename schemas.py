@@ -128,6 +128,8 @@ class LeaderConfig(BaseModel):
     replication_timeout_ms: float
     max_replication_queue: int
     max_value_bytes: int
+    data_dir: str | None
+    appendfsync: str
     development_secret: bool = Field(
         description="True while REPLICATION_SECRET is the documented default."
     )
@@ -136,6 +138,8 @@ class LeaderConfig(BaseModel):
 class FollowerConfig(BaseModel):
     leader_url: str | None
     max_value_bytes: int
+    data_dir: str | None
+    appendfsync: str
     development_secret: bool
 
 
@@ -164,3 +168,9 @@ class ReplicateResponse(BaseModel):
     )
     last_version: int
     node_id: str = Field(description="Random per process start, so the leader can tell a restart.")
+
+
+class FollowerEntries(BaseModel):
+    entries: list[ReplicatedEntry]
+    last_version: int
+    node_id: str

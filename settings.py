@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from durability import FsyncPolicy
 
 # Documented in the README. Fine on a laptop; a warning is logged while it is in use.
 DEVELOPMENT_SECRET = "dev-replication-secret"
@@ -33,6 +36,24 @@ class NodeSettings(BaseSettings):
     replication_secret: str = Field(DEVELOPMENT_SECRET, min_length=1, repr=False)
     log_level: LogLevel = "INFO"
     max_value_bytes: int = Field(MIB, ge=1, le=64 * MIB)
+    # Unset: memory only. Set: an append-only log there, replayed at start-up.
+    data_dir: Path | None = None
+    appendfsync: FsyncPolicy = FsyncPolicy.EVERYSEC
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _empty_data_dir_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("appendfsync", mode="before")
+    @classmethod
+    def _lower_policy(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body read at all: a value in loose JSON, plus a key and slack."""
+        return 2 * self.max_value_bytes + 64 * 1024
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -66,7 +66,7 @@ def encode_entry(key: str, value_json: str, version: int, deleted: bool) -> byte
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    applied: int
+    applied: list[Entry]
     stale: int
 
 
@@ -141,5 +141,9 @@ class VersionedStore:
         return True
 
     def apply_batch(self, entries: list[Entry]) -> ApplyResult:
-        applied = sum(1 for entry in entries if self.maybe_apply(entry))
-        return ApplyResult(applied=applied, stale=len(entries) - applied)
+        applied = [entry for entry in entries if self.maybe_apply(entry)]
+        return ApplyResult(applied=applied, stale=len(entries) - len(applied))
+
+    def advance_to(self, version: int) -> None:
+        """Make the next assigned version greater than `version` (seen elsewhere)."""
+        self._last_version = max(self._last_version, version)

@@ -34,6 +34,7 @@ import httpx
 import pytest
 
 from cluster import ClusterControl, ComposeCluster, LocalCluster
+from loadgen import ConnectionPool
 
 SECRET_HEADER = "X-Replication-Secret"
 Check = Callable[[], Awaitable[bool]]
@@ -66,7 +67,7 @@ def cluster() -> Iterator[Cluster]:
         info = httpx.get(f"{leader_url}/", timeout=10, trust_env=False).json()
         secret = os.environ.get("KV_REPLICATION_SECRET", "dev-replication-secret")
         project = os.environ.get("KV_COMPOSE_PROJECT")
-        control = ComposeCluster(project, followers) if project else None
+        control = ComposeCluster(project, leader_url, followers) if project else None
         yield Cluster(leader_url, followers, control, secret, info["config"]["max_delay_ms"])
         return
     with (
@@ -79,6 +80,7 @@ def cluster() -> Iterator[Cluster]:
             base_port=0,
             secret=secret,
             log_dir=Path(logs),
+            data_dir=Path(logs) / "data",
         ) as local,
     ):
         yield Cluster(local.leader_url, local.follower_urls, local, secret, 200)
@@ -434,5 +436,168 @@ def all_up_check(client: httpx.AsyncClient, cluster: Cluster) -> Check:
     async def check() -> bool:
         health = (await client.get(f"{cluster.leader}/health")).json()
         return all(replica["state"] == "up" for replica in health["replicas"])
+
+    return check
+
+
+# -- faults under load: nothing acknowledged is lost ------------------------------
+
+
+@dataclass
+class Load:
+    """Writes at a fixed quorum on unique keys, recording every acknowledgement."""
+
+    leader: str
+    quorum: int
+    acked: dict[str, int]  # key -> version of each 2xx
+    failures: list[str]
+    stop: asyncio.Event
+
+    async def run(self, connections: int = 8) -> None:
+        counter = 0
+
+        async def writer(pool: ConnectionPool) -> None:
+            nonlocal counter
+            while not self.stop.is_set():
+                counter += 1
+                key = f"load-{uuid.uuid4().hex[:8]}-{counter}"
+                try:
+                    response = await pool.request(
+                        "POST", f"/keys?w={self.quorum}", {"key": key, "value": counter}
+                    )
+                except (OSError, asyncio.IncompleteReadError) as error:
+                    self.failures.append(f"{key}: {type(error).__name__}")
+                    await asyncio.sleep(0.05)  # the leader is down: try again shortly
+                    continue
+                if response.status == 200:
+                    self.acked[key] = response.json()["version"]
+                else:
+                    self.failures.append(f"{key}: {response.status}")
+
+        async with ConnectionPool(self.leader, connections) as pool:
+            await asyncio.gather(*(writer(pool) for _ in range(connections)))
+
+
+def start_load(cluster: Cluster, quorum: int = 3) -> tuple[Load, asyncio.Task[None]]:
+    load = Load(cluster.leader, quorum, {}, [], asyncio.Event())
+    return load, asyncio.create_task(load.run())
+
+
+async def wait_for_acks(load: Load, count: int, timeout: float = 30) -> None:
+    await eventually(lambda: _at_least(load, count), timeout, f"{count} acknowledged writes")
+
+
+async def _at_least(load: Load, count: int) -> bool:
+    return len(load.acked) >= count
+
+
+def holds_all_check(client: httpx.AsyncClient, url: str, acked: dict[str, int]) -> Check:
+    """`url` holds every acknowledged write: the same version, or a newer one."""
+
+    async def check() -> bool:
+        versions = (await client.get(f"{url}/state")).json()["versions"]
+        return all(versions.get(key, 0) >= version for key, version in acked.items())
+
+    return check
+
+
+async def test_killed_follower_under_load_loses_nothing_and_catches_up_from_empty(
+    client: httpx.AsyncClient, cluster: Cluster, faults: ClusterControl
+):
+    victim = len(cluster.followers) - 1
+    load, task = start_load(cluster, quorum=3)
+    try:
+        await wait_for_acks(load, 50)
+        faults.kill_follower(victim)
+        killed_at = len(load.acked)
+        await wait_for_acks(load, killed_at + 100)
+        faults.restart_follower(victim, fresh=True)  # back with an empty memory
+        before_restart = dict(load.acked)
+        took = await eventually(
+            holds_all_check(client, cluster.followers[victim], before_restart),
+            5 + cluster.max_delay_ms / 1000,
+            "the emptied follower holding every acknowledged write, while writes continue",
+        )
+        await wait_for_acks(load, len(before_restart) + 50)
+    finally:
+        load.stop.set()
+        await task
+    assert load.failures == [], "with 4 of 5 followers up, no W=3 write fails"
+    total = await eventually(
+        converged_check(client, cluster), convergence_deadline(cluster), "full convergence"
+    )
+    print(
+        f"follower caught up {took:.2f} s after it was reachable; {len(load.acked)} acknowledged "
+        f"writes checked, full convergence {total:.2f} s after the load stopped"
+    )
+    assert await holds_all_check(client, cluster.followers[victim], load.acked)()
+
+
+async def test_killed_leader_loses_no_acknowledged_write(
+    client: httpx.AsyncClient, cluster: Cluster, faults: ClusterControl
+):
+    load, task = start_load(cluster, quorum=3)
+    try:
+        await wait_for_acks(load, 200)
+        faults.kill_leader()
+    finally:
+        load.stop.set()
+        await task
+    acked = dict(load.acked)
+    faults.restart_leader()
+    restarted = time.monotonic()
+    # Every write the leader acknowledged before dying is still readable from it.
+    versions = (await client.get(f"{cluster.leader}/state")).json()["versions"]
+    missing = {k: v for k, v in acked.items() if versions.get(k) != v}
+    assert missing == {}, f"{len(missing)} acknowledged writes lost: {list(missing)[:5]}"
+    # New writes get versions above any assigned before, and the followers apply them.
+    n = len(cluster.followers)
+    await eventually(all_up_check(client, cluster), convergence_deadline(cluster), "all up")
+    response = await client.post(f"{cluster.leader}/keys?w={n}", json={"key": unique(), "value": 1})
+    assert response.status_code == 200
+    assert response.json()["version"] > max(acked.values())
+    took = await eventually(
+        converged_check(client, cluster), convergence_deadline(cluster), "convergence"
+    )
+    print(
+        f"{len(acked)} acknowledged writes checked after the leader's restart; replicas "
+        f"converged {time.monotonic() - restarted:.2f} s after it ({took:.2f} s of polling)"
+    )
+
+
+async def test_with_every_follower_down_writes_fail_fast_and_the_leader_answers(
+    client: httpx.AsyncClient, cluster: Cluster, faults: ClusterControl
+):
+    for index in range(len(cluster.followers)):
+        faults.kill_follower(index)
+    await eventually(all_down_check(client, cluster), 10, "the leader seeing every follower down")
+    for _ in range(5):
+        started = time.monotonic()
+        response = await client.post(
+            f"{cluster.leader}/keys?w=1", json={"key": unique(), "value": 1}
+        )
+        assert time.monotonic() - started < 1, "no waiting for the replication timeout"
+        assert response.status_code == 503
+        assert "only 0 of" in response.json()["error"]
+    started = time.monotonic()
+    assert (await client.get(f"{cluster.leader}/health")).status_code == 200
+    assert (await client.get(f"{cluster.leader}/state")).status_code == 200
+    assert time.monotonic() - started < 1
+    asynchronous = await client.post(
+        f"{cluster.leader}/keys?w=0", json={"key": unique(), "value": 2}
+    )
+    assert asynchronous.status_code == 200
+    for index in range(len(cluster.followers)):
+        faults.restart_follower(index)
+    took = await eventually(
+        converged_check(client, cluster), convergence_deadline(cluster), "convergence"
+    )
+    print(f"replicas converged {took:.2f} s after the followers came back")
+
+
+def all_down_check(client: httpx.AsyncClient, cluster: Cluster) -> Check:
+    async def check() -> bool:
+        health = (await client.get(f"{cluster.leader}/health")).json()
+        return all(replica["state"] == "down" for replica in health["replicas"])
 
     return check

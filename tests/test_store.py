@@ -78,8 +78,16 @@ def test_apply_batch_counts_stale_entries_as_delivered():
     replica = VersionedStore()
     first = replica.apply_batch([Entry("k", 1, 1), Entry("k", 2, 2)])
     again = replica.apply_batch([Entry("k", 1, 1), Entry("k", 2, 2)])
-    assert (first.applied, first.stale) == (2, 0)
-    assert (again.applied, again.stale) == (0, 2)
+    assert (len(first.applied), first.stale) == (2, 0)
+    assert (again.applied, again.stale) == ([], 2)
+
+
+def test_advance_to_keeps_new_versions_above_any_seen():
+    store = VersionedStore()
+    store.put("a", 1)
+    store.advance_to(41)
+    store.advance_to(7)
+    assert store.put("b", 2).version == 42
 
 
 def test_entry_encoding_is_valid_json_and_round_trips():

@@ -1,0 +1,339 @@
+"""An append-only log of entries on disk, with Redis-style fsync policies and compaction.
+
+With `DATA_DIR` set, every entry a node applies is appended to a log file before
+the node acknowledges it, as one line: the CRC-32 of the record, a space, and the
+entry's JSON. On start the node reads the latest snapshot and then every log
+file, so it comes back with what it acknowledged.
+
+* **fsync policy** (`APPENDFSYNC`, after Redis's `appendfsync`): `always` fsyncs
+  before a write is acknowledged (concurrent writes share one fsync), `everysec`
+  fsyncs once a second in the background (a crash loses at most about a second),
+  and `no` leaves it to the operating system.
+* **Torn records.** A crash can leave the last line half-written. A bad last
+  record is detected by its CRC or missing newline, dropped with a warning and cut
+  off the file; damage before the last record is refused, since silently skipping
+  entries in the middle could resurrect deleted keys.
+* **Compaction.** When the logs outgrow the last snapshot (and a floor), the
+  current store is written to a new snapshot and the old logs are deleted, so the
+  time to restart follows the number of keys, not the length of history. New
+  appends go to a fresh log file from the moment compaction starts, so nothing
+  written during it is lost, and replaying a log twice is harmless because
+  applying an entry is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from store import Entry, VersionedStore
+
+log = logging.getLogger("kvstore.durability")
+
+SNAPSHOT = "snapshot.jsonl"
+LOG_PREFIX = "log-"
+COMPACT_FLOOR_BYTES = 4 * 1024 * 1024
+
+
+class FsyncPolicy(StrEnum):
+    ALWAYS = "always"
+    EVERYSEC = "everysec"
+    NO = "no"
+
+
+class CorruptLogError(RuntimeError):
+    """Damage before the last record of a file: refused rather than skipped."""
+
+
+def encode_record(entry: Entry) -> bytes:
+    payload = (
+        entry.encoded or Entry.create(entry.key, entry.value, entry.version, entry.deleted).encoded
+    )
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode_record(line: bytes) -> Entry | None:
+    """The entry in one line, or None if the line is damaged."""
+    if len(line) < 10 or not line.endswith(b"\n") or line[8:9] != b" ":
+        return None
+    payload = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(payload):
+            return None
+        data = json.loads(payload)
+        return Entry(
+            data["key"], data["value"], int(data["version"]), bool(data["deleted"]), payload
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class Recovery:
+    entries: list[Entry]
+    files: int
+    dropped_tail: int  # bytes cut off a torn last record
+
+
+def read_file(path: Path, *, repair: bool) -> tuple[list[Entry], int]:
+    """Read one log or snapshot file; drop (and with `repair`, truncate) a torn last record."""
+    data = path.read_bytes()
+    entries: list[Entry] = []
+    offset = 0
+    while offset < len(data):
+        end = data.find(b"\n", offset)
+        line = data[offset:] if end < 0 else data[offset : end + 1]
+        entry = decode_record(line)
+        if entry is None:
+            if end >= 0 and end + 1 < len(data):
+                raise CorruptLogError(
+                    f"{path}: damaged record at byte {offset} with more records after it; "
+                    "refusing to start rather than skip entries (restore the file or remove it)"
+                )
+            dropped = len(data) - offset
+            log.warning("%s: dropped a torn last record (%d bytes) left by a crash", path, dropped)
+            if repair:
+                with path.open("r+b") as handle:
+                    handle.truncate(offset)
+                    os.fsync(handle.fileno())
+            return entries, dropped
+        entries.append(entry)
+        offset += len(line)
+    return entries, 0
+
+
+class DurableLog:
+    """The on-disk log of one node. Appends are synchronous; fsyncs may be awaited."""
+
+    def __init__(
+        self,
+        directory: Path,
+        policy: FsyncPolicy = FsyncPolicy.EVERYSEC,
+        *,
+        compact_floor_bytes: int = COMPACT_FLOOR_BYTES,
+    ) -> None:
+        self.directory = directory
+        self.policy = policy
+        self.compact_floor_bytes = compact_floor_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = None
+        self._retired: list[int] = []  # earlier logs' fds, closed once no fsync uses them
+        self._fsyncs_running = 0
+        self._log_seq = 0
+        self._appended = 0  # records appended so far
+        self._synced = 0  # records known to be on disk
+        self._sync_task: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._ticker: asyncio.Task[None] | None = None
+        self.log_bytes = 0
+        self.snapshot_bytes = 0
+        self.compactions = 0
+
+    # -- start-up ------------------------------------------------------------
+
+    def _log_files(self) -> list[Path]:
+        files = self.directory.glob(f"{LOG_PREFIX}*.jsonl")
+        return sorted(files, key=lambda p: int(p.stem.removeprefix(LOG_PREFIX)))
+
+    def recover(self) -> Recovery:
+        """Read the snapshot and every log, in order; open a new log for appends."""
+        entries: list[Entry] = []
+        dropped = 0
+        files = 0
+        snapshot = self.directory / SNAPSHOT
+        if snapshot.exists():
+            read, _ = read_file(snapshot, repair=False)
+            entries += read
+            files += 1
+            self.snapshot_bytes = snapshot.stat().st_size
+        for path in self._log_files():
+            read, cut = read_file(path, repair=True)
+            entries += read
+            dropped += cut
+            files += 1
+            self.log_bytes += path.stat().st_size
+            self._log_seq = int(path.stem.removeprefix(LOG_PREFIX))
+        self._open_next_log()
+        return Recovery(entries, files, dropped)
+
+    def _open_next_log(self) -> None:
+        self._log_seq += 1
+        path = self.directory / f"{LOG_PREFIX}{self._log_seq}.jsonl"
+        old = self._fd
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if old is not None:
+            os.fsync(old)
+            self._synced = self._appended  # all of it was in the old log
+            self._retired.append(old)
+            self._close_retired()
+        self._fsync_directory()
+
+    async def _fsync(self) -> None:
+        """fsync the current log in a thread, covering every append made before it."""
+        target, fd = self._appended, self._fd
+        if fd is None:
+            return
+        self._fsyncs_running += 1
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+        finally:
+            self._fsyncs_running -= 1
+            self._close_retired()
+        self._synced = max(self._synced, target)
+
+    def _close_retired(self) -> None:
+        if self._fsyncs_running == 0:
+            while self._retired:
+                os.close(self._retired.pop())
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- the write path --------------------------------------------------------
+
+    def append(self, entries: list[Entry]) -> None:
+        """Write entries to the log (the OS's buffer); :meth:`sync` makes them durable."""
+        if not entries or self._fd is None:
+            return
+        data = b"".join(encode_record(entry) for entry in entries)
+        os.write(self._fd, data)
+        self._appended += len(entries)
+        self.log_bytes += len(data)
+
+    async def sync(self) -> None:
+        """Return once everything appended so far is on disk, if the policy says to wait."""
+        if self.policy != FsyncPolicy.ALWAYS or self._synced >= self._appended:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._appended, future))
+        if self._sync_task is None:
+            self._sync_task = asyncio.create_task(self._sync_waiters())
+        await future
+
+    async def _sync_waiters(self) -> None:
+        """One fsync at a time, each covering every append made before it started."""
+        try:
+            while self._waiters:
+                await self._fsync()
+                still_waiting = []
+                for wanted, future in self._waiters:
+                    if wanted <= self._synced:
+                        if not future.done():
+                            future.set_result(None)
+                    else:
+                        still_waiting.append((wanted, future))
+                self._waiters = still_waiting
+        finally:
+            self._sync_task = None
+
+    def start(self) -> None:
+        if self.policy == FsyncPolicy.EVERYSEC:
+            self._ticker = asyncio.create_task(self._every_second())
+
+    async def _every_second(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            if self._synced < self._appended:
+                await self._fsync()
+
+    # -- compaction ------------------------------------------------------------
+
+    def maybe_compact(self, snapshot: Callable[[], list[Entry]]) -> bool:
+        """Replace the logs by a snapshot once they outgrow it; True if it did."""
+        if self.log_bytes < max(self.compact_floor_bytes, self.snapshot_bytes):
+            return False
+        self.compact(snapshot())
+        return True
+
+    def compact(self, entries: list[Entry]) -> None:
+        old_logs = self._log_files()
+        self._open_next_log()  # appends from now on go to a log the snapshot does not cover
+        temporary = self.directory / (SNAPSHOT + ".tmp")
+        with temporary.open("wb") as handle:
+            for entry in entries:
+                handle.write(encode_record(entry))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.directory / SNAPSHOT)
+        self._fsync_directory()
+        current = self.directory / f"{LOG_PREFIX}{self._log_seq}.jsonl"
+        for path in old_logs:
+            if path != current:
+                path.unlink(missing_ok=True)
+        self.snapshot_bytes = (self.directory / SNAPSHOT).stat().st_size
+        self.log_bytes = current.stat().st_size
+        self.compactions += 1
+        log.info("compacted the log into a snapshot of %d entries", len(entries))
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        if self._sync_task is not None:
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+        if self._fd is not None:
+            if self.policy != FsyncPolicy.NO:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        self._close_retired()
+
+
+def restore(directory: Path, policy: FsyncPolicy, store: VersionedStore) -> DurableLog:
+    """Open a node's log in `directory` and replay it into `store`."""
+    durable = DurableLog(directory, policy)
+    recovery = durable.recover()
+    for entry in recovery.entries:
+        store.maybe_apply(entry)
+    log.info(
+        "restored %d keys (last version %d) from %d file(s) in %s; appendfsync %s",
+        len(store.keys()),
+        store.last_version,
+        recovery.files,
+        directory,
+        policy.value,
+    )
+    return durable
+
+
+class Storage:
+    """A node's store and, with DATA_DIR, its log: the one place both roles write through."""
+
+    def __init__(self, data_dir: Path | None, policy: FsyncPolicy = FsyncPolicy.EVERYSEC) -> None:
+        self.store = VersionedStore()
+        self.data_dir = data_dir
+        self.policy = policy
+        self.durable: DurableLog | None = None
+
+    def open(self) -> None:
+        """Replay the log, if there is one; call once at start-up, inside the event loop."""
+        if self.data_dir is not None:
+            self.durable = restore(self.data_dir, self.policy, self.store)
+            self.durable.start()
+
+    def record(self, entries: list[Entry]) -> None:
+        """Append applied entries to the log (compacting it when it has grown)."""
+        if self.durable is not None and entries:
+            self.durable.append(entries)
+            self.durable.maybe_compact(self.store.entries)
+
+    async def sync(self) -> None:
+        """Wait until recorded entries are on disk, where the fsync policy asks for it."""
+        if self.durable is not None:
+            await self.durable.sync()
+
+    async def close(self) -> None:
+        if self.durable is not None:
+            await self.durable.close()
+            self.durable = None

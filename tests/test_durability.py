@@ -1,0 +1,161 @@
+"""The on-disk log: round trips, torn records, compaction and the fsync policies."""
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from durability import (
+    SNAPSHOT,
+    CorruptLogError,
+    DurableLog,
+    FsyncPolicy,
+    decode_record,
+    encode_record,
+)
+from store import Entry, VersionedStore
+
+
+def counting_fsync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def restored(directory: Path) -> VersionedStore:
+    store = VersionedStore()
+    durable = DurableLog(directory)
+    for entry in durable.recover().entries:
+        store.maybe_apply(entry)
+    return store
+
+
+def test_record_round_trip_and_damage_detection():
+    entry = Entry.create("ключ/?#", {"v": [1, None]}, 7)
+    record = encode_record(entry)
+    assert decode_record(record) == entry
+    assert decode_record(record[:-1]) is None  # no newline: torn
+    flipped = record.replace(b"[1,", b"[2,")
+    assert decode_record(flipped) is None  # CRC mismatch
+
+
+async def test_entries_and_tombstones_survive_a_restart(tmp_path: Path):
+    durable = DurableLog(tmp_path, FsyncPolicy.ALWAYS)
+    durable.recover()
+    store = VersionedStore()
+    entries = [store.put("a", 1), store.put("b", 2)]
+    deletion = store.delete("a")
+    assert deletion is not None
+    entries.append(deletion)
+    durable.append(entries)
+    await durable.sync()
+    await durable.close()
+    again = restored(tmp_path)
+    assert again.get("a") is None and again.version_of("a") == 3
+    held = again.get("b")
+    assert held is not None and held.value == 2
+    assert again.last_version == 3
+
+
+def test_a_torn_last_record_is_dropped_and_cut_off(tmp_path: Path):
+    durable = DurableLog(tmp_path)
+    durable.recover()
+    durable.append([Entry.create("a", 1, 1), Entry.create("b", 2, 2)])
+    log_file = next(tmp_path.glob("log-*.jsonl"))
+    with log_file.open("ab") as handle:
+        handle.write(encode_record(Entry.create("c", 3, 3))[:-7])  # the crash
+    size_before = log_file.stat().st_size
+    recovery = DurableLog(tmp_path).recover()
+    assert [e.key for e in recovery.entries] == ["a", "b"]
+    assert recovery.dropped_tail > 0
+    assert log_file.stat().st_size < size_before, "the torn bytes are cut off"
+    assert [e.key for e in DurableLog(tmp_path).recover().entries] == ["a", "b"]
+
+
+def test_damage_before_the_last_record_is_refused(tmp_path: Path):
+    durable = DurableLog(tmp_path)
+    durable.recover()
+    durable.append([Entry.create(k, 1, i) for i, k in enumerate("abc", 1)])
+    log_file = next(tmp_path.glob("log-*.jsonl"))
+    data = bytearray(log_file.read_bytes())
+    data[12] ^= 0xFF  # inside the first record
+    log_file.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError, match="damaged record"):
+        DurableLog(tmp_path).recover()
+
+
+async def test_compaction_bounds_what_a_restart_reads(tmp_path: Path):
+    durable = DurableLog(tmp_path, FsyncPolicy.NO, compact_floor_bytes=10_000)
+    durable.recover()
+    store = VersionedStore()
+    for i in range(5000):
+        durable.append([store.put(f"key{i % 10}", "x" * 20)])
+        durable.maybe_compact(store.entries)
+    assert durable.compactions >= 5
+    await durable.close()
+    total = sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert total < 30_000, "a few snapshots' worth, not 5,000 records"
+    again = restored(tmp_path)
+    assert [(e.key, e.version) for e in again.live_items()] == [
+        (e.key, e.version) for e in store.live_items()
+    ]
+
+
+async def test_appends_during_compaction_land_in_the_new_log(tmp_path: Path):
+    durable = DurableLog(tmp_path, FsyncPolicy.NO, compact_floor_bytes=1)
+    durable.recover()
+    store = VersionedStore()
+    durable.append([store.put("a", 1)])
+    durable.compact(store.entries())
+    durable.append([store.put("b", 2)])
+    await durable.close()
+    assert (tmp_path / SNAPSHOT).exists()
+    assert {e.key for e in restored(tmp_path).live_items()} == {"a", "b"}
+
+
+async def test_always_waits_for_one_shared_fsync(tmp_path: Path, monkeypatch):
+    calls = counting_fsync(monkeypatch)
+    durable = DurableLog(tmp_path, FsyncPolicy.ALWAYS)
+    durable.recover()
+    calls.clear()
+    waits = []
+    for i in range(20):
+        durable.append([Entry.create(f"k{i}", i, i + 1)])
+        waits.append(asyncio.create_task(durable.sync()))
+    await asyncio.gather(*waits)
+    assert 1 <= len(calls) <= 3, "concurrent writes share fsyncs"
+    await durable.close()
+
+
+async def test_no_policy_never_waits(tmp_path: Path, monkeypatch):
+    durable = DurableLog(tmp_path, FsyncPolicy.NO)
+    durable.recover()
+    monkeypatch.setattr(os, "fsync", lambda fd: pytest.fail("no fsync expected"))
+    durable.append([Entry.create("k", 1, 1)])
+    await durable.sync()
+    monkeypatch.undo()
+    await durable.close()
+
+
+async def test_everysec_syncs_in_the_background(tmp_path: Path, monkeypatch):
+    calls = counting_fsync(monkeypatch)
+    durable = DurableLog(tmp_path, FsyncPolicy.EVERYSEC)
+    durable.recover()
+    durable.start()
+    calls.clear()
+    durable.append([Entry.create("k", 1, 1)])
+    await durable.sync()  # does not wait under everysec
+    assert calls == []
+    for _ in range(40):
+        if calls:
+            break
+        await asyncio.sleep(0.05)
+    assert calls, "fsynced within about a second"
+    await durable.close()
