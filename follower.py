@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Response
 
-from api import KeyPath, install_error_handlers, read_router
+from api import KeyPath, RejectLargeBodies, install_error_handlers, read_router
 from auth import SECRET_HEADER, RequireSecret
 from durability import Storage
 from schemas import (
@@ -50,6 +50,8 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     storage = Storage(settings.data_dir, settings.appendfsync)
     store = storage.store
     node_id = uuid.uuid4().hex
+    # One batch holds at most 4 MiB of entries, or a single larger entry.
+    body_limit = 4 * 1024 * 1024 + settings.max_body_bytes
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -68,11 +70,9 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         title="Replicated KV store: follower",
         summary="Applies the leader's versioned entries and serves reads.",
         lifespan=lifespan,
-        # Bodies are refused with 413 while they are read, not after: one batch holds at
-        # most 4 MiB of entries, or a single larger entry.
-        max_body_size=4 * 1024 * 1024 + settings.max_body_bytes,
     )
     install_error_handlers(app)
+    app.add_middleware(RejectLargeBodies, limit=body_limit)
     app.include_router(read_router(store, "follower"))
 
     app.add_middleware(

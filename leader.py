@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from api import (
     NOT_FOUND,
     KeyPath,
+    RejectLargeBodies,
     install_error_handlers,
     key_not_found,
     read_router,
@@ -134,9 +135,9 @@ def create_app(
         title="Replicated KV store: leader",
         summary="Accepts writes, versions them and replicates them to a quorum of followers.",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,  # 413 while reading, before anything is parsed
     )
     install_error_handlers(app)
+    app.add_middleware(RejectLargeBodies, limit=settings.max_body_bytes)
     app.include_router(read_router(store, "leader"))
 
     Quorum = Annotated[

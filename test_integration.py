@@ -395,6 +395,9 @@ async def test_frozen_followers_make_writes_fail_with_503_then_recover(
         convergence_deadline(cluster),
         "thawed followers catching up",
     )
+    await eventually(
+        converged_check(client, cluster), convergence_deadline(cluster), "full convergence"
+    )
     print(f"thawed followers converged in {took:.2f} s")
 
 
