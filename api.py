@@ -57,11 +57,15 @@ class RejectLargeBodies:
             await self.app(scope, receive, send)
             return
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse(
-                error_body(self.message), status_code=413, headers={"connection": "close"}
-            )
-            await response(scope, receive, send)
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.limit:
+                response = JSONResponse(
+                    error_body(self.message), status_code=413, headers={"connection": "close"}
+                )
+                await response(scope, receive, send)
+                return
+            # The server reads no more than a declared length: nothing left to count.
+            await self.app(scope, receive, send)
             return
         received = 0
 

@@ -328,6 +328,11 @@ class Storage:
             self.durable.append(entries)
             self.durable.maybe_compact(self.store.entries)
 
+    @property
+    def waits_for_fsync(self) -> bool:
+        """Whether acknowledging must wait for :meth:`sync` (APPENDFSYNC=always)."""
+        return self.durable is not None and self.policy == FsyncPolicy.ALWAYS
+
     async def sync(self) -> None:
         """Wait until recorded entries are on disk, where the fsync policy asks for it."""
         if self.durable is not None:

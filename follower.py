@@ -97,7 +97,8 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         entries = [Entry(e.key, e.value, e.version, e.deleted) for e in body.entries]
         result = store.apply_batch(entries)
         storage.record(result.applied)
-        await storage.sync()  # with APPENDFSYNC=always, confirmed only once on disk
+        if storage.waits_for_fsync:
+            await storage.sync()  # APPENDFSYNC=always: confirmed only once on disk
         confirmation = ReplicateResponse(
             applied=len(result.applied),
             stale=result.stale,

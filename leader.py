@@ -179,7 +179,8 @@ def create_app(
         required = settings.quorum if w is None else w
         timeout = (timeout_ms or settings.replication_timeout_ms) / 1000
         futures = replicator.broadcast(entry, started_at)
-        await storage.sync()  # with APPENDFSYNC=always, on disk before it is acknowledged
+        if storage.waits_for_fsync:
+            await storage.sync()  # APPENDFSYNC=always: on disk before it is acknowledged
         reachable = replicator.confirmable()
         if reachable < required:
             timeout = 0  # fail fast: waiting cannot make down followers confirm

@@ -152,7 +152,8 @@ class FollowerProgress:
         self.last_error = None
         self.delivered += len(batch)
         self.batches += 1
-        self.snapshot_outstanding -= sum(1 for s in batch if s.resync)
+        if self.snapshot_outstanding:
+            self.snapshot_outstanding -= sum(1 for s in batch if s.resync)
         known = self.node_id
         self.node_id = confirmation.node_id
         self.follower_last_version = confirmation.last_version
