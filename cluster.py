@@ -92,6 +92,11 @@ def die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
+def wait_healthy_nodes(nodes: Sequence[Node], timeout: float) -> None:
+    """Wait for nodes this launcher started, failing at once if one of them exits."""
+    wait_healthy([node.url for node in nodes], timeout, [n.process for n in nodes if n.process])
+
+
 class ClusterControl(Protocol):
     """Fault injection by follower index (0-based), whatever runs the nodes."""
 
@@ -231,17 +236,9 @@ class LocalCluster:
         try:
             for node in followers:
                 node.start()
-            wait_healthy(
-                [n.url for n in followers],
-                timeout,
-                [n.process for n in followers if n.process],
-            )
+            wait_healthy_nodes(followers, timeout)
             self.nodes[0].start()
-            wait_healthy(
-                [leader_url],
-                timeout,
-                [self.nodes[0].process] if self.nodes[0].process else [],
-            )
+            wait_healthy_nodes([self.nodes[0]], timeout)
         except BaseException:
             self.stop()
             raise
@@ -287,7 +284,7 @@ class LocalCluster:
         node = self.nodes[0]
         node.stop()
         node.start()
-        wait_healthy([node.url], timeout, [node.process] if node.process else [])
+        wait_healthy_nodes([node], timeout)
 
     def kill_follower(self, index: int) -> None:
         """SIGKILL: the process and everything it held in memory are gone."""
@@ -300,7 +297,7 @@ class LocalCluster:
         if fresh and "DATA_DIR" in node.env:
             shutil.rmtree(node.env["DATA_DIR"], ignore_errors=True)
         node.start()
-        wait_healthy([node.url], timeout, [node.process] if node.process else [])
+        wait_healthy_nodes([node], timeout)
 
     def pause_follower(self, index: int) -> None:
         """SIGSTOP: the process keeps its sockets but answers nothing."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import rss_bytes
 
 from cluster import LocalCluster
 from loadgen import ConnectionPool
@@ -26,13 +27,6 @@ SECONDS = float(os.environ.get("KV_OVERLOAD_SECONDS", "60"))
 QUEUE_CAP = 2000
 KEYS = 1000
 MIB = 1024 * 1024
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 @pytest.fixture

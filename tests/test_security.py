@@ -2,10 +2,10 @@
 
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import rss_bytes
 
 from cluster import LocalCluster
 
@@ -25,13 +25,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         data_dir=logs / "data",
     ) as running:
         yield running, logs
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def test_the_secret_never_appears_in_responses_or_logs(cluster):
