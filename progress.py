@@ -129,15 +129,16 @@ class FollowerProgress:
         return None
 
     def next_wake(self, now: float, max_in_flight: int) -> float | None:
-        """When :meth:`next_batch` may next have something; None until a batch returns."""
+        """When :meth:`next_batch` may next have something; None: nothing to wait for."""
         if self.batches_in_flight >= max_in_flight:
             return None
         if now < self.blocked_until:
             return self.blocked_until
-        candidates = [self.outbox.next_ready_at() or float("inf")]
+        ready = self.outbox.next_ready_at()
+        candidates = [] if ready is None else [ready]
         if self.batches_in_flight == 0:
             candidates.append(self.last_attempt + self.heartbeat_s)
-        return min(candidates)
+        return min(candidates, default=None)
 
     def sending(self, batch: list[Shipment], now: float) -> None:
         self.batches_in_flight += 1

@@ -148,7 +148,7 @@ class FollowerLink:
                 task.add_done_callback(self._sends.discard)
                 continue
             wake = self.progress.next_wake(now, self.max_in_flight)
-            if wake is not None and wake != float("inf"):
+            if wake is not None:
                 self._wake_at(wake)
             await self._wakeup.wait()
 
@@ -256,10 +256,6 @@ class Replicator:
     def __init__(self, links: Sequence[FollowerLink], clock: Clock = time.monotonic) -> None:
         self.links = list(links)
         self.clock = clock
-
-    @property
-    def followers(self) -> int:
-        return len(self.links)
 
     def start(self) -> None:
         for link in self.links:

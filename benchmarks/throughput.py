@@ -30,8 +30,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from sequential import measure, percentile  # noqa: E402  (beside this script)
+
 from cluster import HOST, LocalCluster, Node, free_port, wait_healthy  # noqa: E402
-from loadgen import ConnectionPool  # noqa: E402
 
 
 @dataclass
@@ -73,19 +74,9 @@ def run_wrk(url: str, duration: float, connections: int) -> LoadResult:
 
 
 async def sequential(leader: str, quorum: int, writes: int) -> tuple[float, float]:
-    latencies = []
-    async with ConnectionPool(leader, 1) as connection:
-        for i in range(writes + 200):
-            started = time.perf_counter()
-            response = await connection.request(
-                "POST", f"/keys?w={quorum}", {"key": f"seq-{i % 100}", "value": i}
-            )
-            if response.status != 200:
-                raise RuntimeError(f"sequential write failed: {response.status}")
-            if i >= 200:  # the first 200 warm up
-                latencies.append((time.perf_counter() - started) * 1000)
-    latencies.sort()
-    return statistics.median(latencies), latencies[int(0.99 * len(latencies))]
+    """Median and p99 of one-at-a-time writes, as benchmarks/sequential.py measures them."""
+    latencies = await measure(leader, quorum, writes, warmup=200)
+    return statistics.median(latencies), percentile(latencies, 99)
 
 
 def profile_leader(cluster: LocalCluster, duration: float, connections: int, top: int) -> None:
