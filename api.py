@@ -6,6 +6,7 @@ Every error leaves a node as `{"error": "<one sentence>", "detail": ...}` with a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Request
@@ -138,7 +139,7 @@ def value_too_large(size: int, limit: int) -> HTTPException:
     )
 
 
-def read_router(store: VersionedStore, role: Role) -> APIRouter:
+def read_router(store: VersionedStore, role: Role, term: Callable[[], int]) -> APIRouter:
     """`GET /keys/{key}`, `GET /keys` and `GET /state`, served by every node from its own store."""
     router = APIRouter(tags=["reads"])
 
@@ -171,6 +172,7 @@ def read_router(store: VersionedStore, role: Role) -> APIRouter:
             store={entry.key: entry.value for entry in live},
             versions={entry.key: entry.version for entry in live},
             last_version=store.last_version,
+            term=term(),
         )
 
     return router

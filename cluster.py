@@ -57,9 +57,15 @@ def ensure_free(ports: list[int]) -> None:
 
 
 def wait_healthy(
-    urls: list[str], timeout: float, processes: Sequence[subprocess.Popen[bytes]] = ()
+    urls: list[str],
+    timeout: float,
+    processes: Sequence[subprocess.Popen[bytes]] = (),
+    path: str = "/health",
 ) -> None:
-    """Poll each URL's /health until it answers 200, or raise naming the ones that did not."""
+    """Poll each URL's `path` until it answers 200, or raise naming the ones that did not.
+
+    `/health` is liveness; a leader's `/ready` answers 200 only once it takes writes.
+    """
     deadline = time.monotonic() + timeout
     waiting = list(urls)
     with httpx.Client(timeout=1.0, trust_env=False) as client:
@@ -68,13 +74,14 @@ def wait_healthy(
                 if process.poll() is not None:
                     raise RuntimeError(f"{process.args!r} exited with code {process.returncode}")
             try:
-                if client.get(f"{waiting[0]}/health").status_code == 200:
+                if client.get(f"{waiting[0]}{path}").status_code == 200:
                     waiting.pop(0)
                     continue
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"not healthy after {timeout:g} s: {', '.join(waiting)}")
+                what = "healthy" if path == "/health" else f"answering {path}"
+                raise TimeoutError(f"not {what} after {timeout:g} s: {', '.join(waiting)}")
             time.sleep(0.05)
 
 
@@ -92,9 +99,10 @@ def die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
-def wait_healthy_nodes(nodes: Sequence[Node], timeout: float) -> None:
+def wait_healthy_nodes(nodes: Sequence[Node], timeout: float, path: str = "/health") -> None:
     """Wait for nodes this launcher started, failing at once if one of them exits."""
-    wait_healthy([node.url for node in nodes], timeout, [n.process for n in nodes if n.process])
+    processes = [n.process for n in nodes if n.process]
+    wait_healthy([node.url for node in nodes], timeout, processes, path)
 
 
 class ClusterControl(Protocol):
@@ -238,7 +246,7 @@ class LocalCluster:
                 node.start()
             wait_healthy_nodes(followers, timeout)
             self.nodes[0].start()
-            wait_healthy_nodes([self.nodes[0]], timeout)
+            wait_healthy_nodes([self.nodes[0]], timeout, "/ready")
         except BaseException:
             self.stop()
             raise
@@ -280,11 +288,12 @@ class LocalCluster:
         """SIGKILL the leader: no shutdown, no final fsync."""
         self.nodes[0].kill()
 
-    def restart_leader(self, timeout: float = 30.0) -> None:
+    def restart_leader(self, timeout: float = 30.0, wait_ready: bool = True) -> None:
+        """Start the leader again; by default wait until it takes writes (`/ready`)."""
         node = self.nodes[0]
         node.stop()
         node.start()
-        wait_healthy_nodes([node], timeout)
+        wait_healthy_nodes([node], timeout, "/ready" if wait_ready else "/health")
 
     def kill_follower(self, index: int) -> None:
         """SIGKILL: the process and everything it held in memory are gone."""
@@ -350,7 +359,7 @@ class ComposeCluster:
 
     def restart_leader(self, timeout: float = 60.0) -> None:
         self._compose("start", "leader")
-        wait_healthy([self.leader_url], timeout)
+        wait_healthy([self.leader_url], timeout, path="/ready")
 
     def kill_follower(self, index: int) -> None:
         """Stop the container at once (`stop -t 0`), so its restart policy leaves it down."""

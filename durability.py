@@ -38,6 +38,7 @@ from store import Entry, VersionedStore
 log = logging.getLogger("kvstore.durability")
 
 SNAPSHOT = "snapshot.jsonl"
+TERM_FILE = "term.json"
 LOG_PREFIX = "log-"
 COMPACT_FLOOR_BYTES = 4 * 1024 * 1024
 
@@ -307,6 +308,34 @@ def restore(directory: Path, policy: FsyncPolicy, store: VersionedStore) -> Dura
     return durable
 
 
+def load_term(directory: Path) -> tuple[int, str | None]:
+    """The newest term recorded in `directory` and the leader that began it; (0, None) if none."""
+    path = directory / TERM_FILE
+    if not path.exists():
+        return 0, None
+    try:
+        data = json.loads(path.read_bytes())
+        return int(data["term"]), data.get("leader_id")
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorruptLogError(f"{path}: unreadable term record ({error})") from None
+
+
+def save_term(directory: Path, term: int, leader_id: str | None) -> None:
+    """Record a new term durably (whatever APPENDFSYNC says): a term is used only once on disk."""
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / (TERM_FILE + ".tmp")
+    with temporary.open("wb") as handle:
+        handle.write(json.dumps({"term": term, "leader_id": leader_id}).encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, directory / TERM_FILE)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Storage:
     """A node's store and, with DATA_DIR, its log: the one place both roles write through."""
 
@@ -321,6 +350,14 @@ class Storage:
         if self.data_dir is not None:
             self.durable = restore(self.data_dir, self.policy, self.store)
             self.durable.start()
+
+    def load_term(self) -> tuple[int, str | None]:
+        """The term recorded in DATA_DIR; (0, None) without DATA_DIR."""
+        return (0, None) if self.data_dir is None else load_term(self.data_dir)
+
+    def save_term(self, term: int, leader_id: str | None) -> None:
+        if self.data_dir is not None:
+            save_term(self.data_dir, term, leader_id)
 
     def record(self, entries: list[Entry]) -> None:
         """Append applied entries to the log (compacting it when it has grown)."""

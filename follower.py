@@ -10,9 +10,10 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
 
 from api import KeyPath, RejectLargeBodies, install_error_handlers, read_router
 from auth import SECRET_HEADER, RequireSecret
@@ -23,12 +24,18 @@ from schemas import (
     FollowerEntries,
     HealthResponse,
     NodeInfo,
+    ReadyResponse,
     ReplicatedEntry,
     ReplicateRequest,
     ReplicateResponse,
+    TermConflict,
 )
 from settings import FollowerSettings, configure_logging, load_settings
+from startup import TermFence
 from store import Entry
+
+PAGE_LIMIT_DEFAULT = 10_000
+PAGE_LIMIT_MAX = 100_000
 
 log = logging.getLogger("kvstore.follower")
 
@@ -50,12 +57,14 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     storage = Storage(settings.data_dir, settings.appendfsync)
     store = storage.store
     node_id = uuid.uuid4().hex
+    fence = TermFence()
     # One batch holds at most 4 MiB of entries, or a single larger entry.
     body_limit = 4 * 1024 * 1024 + settings.max_body_bytes
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         storage.open()
+        fence.term, fence.leader_id = storage.load_term()
         log.info(
             "follower %s ready; leader is %s",
             node_id[:8],
@@ -73,7 +82,7 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(RejectLargeBodies, limit=body_limit)
-    app.include_router(read_router(store, "follower"))
+    app.include_router(read_router(store, "follower", lambda: fence.term))
 
     app.add_middleware(
         RequireSecret,
@@ -84,7 +93,10 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     @app.post(
         "/replicate",
         response_model=ReplicateResponse,
-        responses={401: {"model": ErrorResponse, "description": "Missing or wrong secret."}},
+        responses={
+            401: {"model": ErrorResponse, "description": "Missing or wrong secret."},
+            409: {"model": TermConflict, "description": "The batch comes from an older term."},
+        },
         # The header is checked by RequireSecret, before routing; documented here.
         openapi_extra={"parameters": [SECRET_PARAMETER]},
         tags=["internal"],
@@ -92,18 +104,32 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     async def replicate(body: ReplicateRequest) -> Response:
         """Apply a batch of the leader's entries, each only if newer than what is held.
 
-        Confirmed only once applied (or found stale), so a repeat is harmless.
+        Refused (409) if it comes from a term older than the newest this follower has
+        seen. Each entry is confirmed only if the follower then holds that very write
+        or a newer one; a repeat is harmless.
         """
+        refusal = fence.check(body.term, body.leader_id)
+        if refusal is not None:
+            conflict = TermConflict(
+                error=refusal, follower_term=fence.term, batch_term=body.term or 0
+            )
+            return JSONResponse(conflict.model_dump(), status_code=409)
+        if fence.observe(body.term, body.leader_id):
+            storage.save_term(fence.term, fence.leader_id)
+            log.info("now in term %d (leader %s)", fence.term, (fence.leader_id or "?")[:8])
         entries = [Entry(e.key, e.value, e.version, e.deleted) for e in body.entries]
         result = store.apply_batch(entries)
         storage.record(result.applied)
         if storage.waits_for_fsync:
             await storage.sync()  # APPENDFSYNC=always: confirmed only once on disk
+        unconfirmed = [] if not result.stale else [e.version for e in entries if not store.holds(e)]
         confirmation = ReplicateResponse(
             applied=len(result.applied),
             stale=result.stale,
             last_version=store.last_version,
+            term=fence.term,
             node_id=node_id,
+            unconfirmed=unconfirmed,
         )
         # Serialised directly: the model is already valid, so FastAPI need not check it again.
         return Response(confirmation.model_dump_json(), media_type="application/json")
@@ -115,19 +141,33 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         openapi_extra={"parameters": [SECRET_PARAMETER]},
         tags=["internal"],
     )
-    async def entries() -> FollowerEntries:
-        """Every entry this follower holds, tombstones included.
+    async def entries(
+        after_version: Annotated[int, Query(ge=0, description="Entries above this version.")] = 0,
+        limit: Annotated[
+            int, Query(ge=1, le=PAGE_LIMIT_MAX, description="At most this many entries.")
+        ] = PAGE_LIMIT_DEFAULT,
+    ) -> Response:
+        """The entries this follower holds, tombstones included, one page at a time.
 
-        A leader that restarts without its data reads these to rebuild its store.
+        A starting leader reads these, page by page in version order, to get back
+        what it acknowledged; it also reads a follower that comes back late.
         """
-        return FollowerEntries(
+        page = store.page(after_version, limit)
+        more = len(page) == limit
+        body = FollowerEntries.model_construct(
             entries=[
-                ReplicatedEntry(key=e.key, value=e.value, version=e.version, deleted=e.deleted)
-                for e in store.entries()
+                ReplicatedEntry.model_construct(
+                    key=e.key, value=e.value, version=e.version, deleted=e.deleted
+                )
+                for e in page
             ],
             last_version=store.last_version,
+            term=fence.term,
             node_id=node_id,
+            next_after=page[-1].version if more else None,
         )
+        # Built without re-validating: a page can hold a hundred thousand entries.
+        return Response(body.model_dump_json(), media_type="application/json")
 
     def refuse_write() -> HTTPException:
         where = (
@@ -162,7 +202,12 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         tags=["node"],
     )
     async def health() -> HealthResponse:
-        return HealthResponse(role="follower", last_version=store.last_version)
+        return HealthResponse(role="follower", last_version=store.last_version, term=fence.term)
+
+    @app.get("/ready", response_model=ReadyResponse, tags=["node"])
+    async def ready() -> ReadyResponse:
+        """A follower is ready once it answers: it applies whatever a leader sends."""
+        return ReadyResponse(ready=True, term=fence.term)
 
     @app.get("/", response_model=NodeInfo, tags=["node"])
     async def info() -> NodeInfo:

@@ -41,6 +41,34 @@ class Confirmation:
 
 
 class FollowerProgress:
+    """What the leader knows of one follower, and what to send it next.
+
+    After raft's ``Progress``. The delivery loop asks :meth:`next_batch`, does the
+    HTTP, and reports with one of the ``handle_*`` transitions. Time is passed in.
+
+    Fields (each is the leader's belief, from the follower's last answers):
+
+    * ``outbox``: entries not yet confirmed. Invariant: an entry leaves it only
+      when the follower confirmed it, or when it is replaced by a snapshot.
+    * ``node_id``: the follower process last heard from (random per start).
+    * ``merged_node_id``: the process whose entries the leader has read and
+      merged. Invariant: no data is sent to a process before its entries are
+      merged (``needs_pull`` holds while they differ), so a follower that holds
+      writes the leader lacks is never overwritten blindly.
+    * ``consecutive_failures`` / ``blocked_until``: failures in a row, and the end
+      of the backoff they earned. Invariant: state is ``down`` iff failures > 0.
+    * ``snapshot_outstanding``: snapshot entries queued or on the wire.
+    * ``batches_in_flight`` / ``entries_in_flight``: requests on the wire.
+    * ``follower_last_version``: the newest version the follower reported.
+    * counters ``delivered``, ``batches``, ``heartbeats``, ``resyncs``, ``pulls``.
+
+    Transitions: :meth:`sending`, :meth:`handle_success`, :meth:`handle_failure`,
+    :meth:`handle_fenced` (the follower refused an older term),
+    :meth:`handle_conflict` (it holds another write under a version sent),
+    :meth:`handle_pulled` (its entries are merged), :meth:`adopt` (its entries were
+    merged at the leader's start-up), :meth:`queue` and :meth:`resync`.
+    """
+
     def __init__(
         self,
         snapshot: Callable[[], list[Entry]],
@@ -62,27 +90,38 @@ class FollowerProgress:
         self.last_attempt = float("-inf")
         self.last_error: str | None = None
         self.node_id: str | None = None
+        self.merged_node_id: str | None = None
+        # First contact is reading its entries, unless the leader read them at start-up.
+        self.needs_pull = True
         self.follower_last_version = 0
         self.snapshot_outstanding = 0
         self.resyncs = 0
+        self.pulls = 0
         self.delivered = 0
         self.batches = 0
+        self.heartbeats = 0
 
     # -- what the leader knows ---------------------------------------------
 
     def state(self, now: float) -> FollowerState:
         if self.consecutive_failures:
             return FollowerState.DOWN
-        if self.snapshot_outstanding:
+        if self.snapshot_outstanding or self.needs_pull:
             return FollowerState.RESYNCING
         if self.outbox.ready_count(now):
             return FollowerState.LAGGING
         return FollowerState.UP
 
+    def backlog(self, now: float) -> int:
+        """Entries the follower has failed to take so far: past their simulated delay but
+        unconfirmed, not counting a snapshot. What MAX_REPLICATION_QUEUE caps."""
+        taken = self.outbox.ready_count(now) + self.entries_in_flight
+        return taken - self.snapshot_outstanding
+
     @property
-    def backlog(self) -> int:
-        """Entries queued for this follower or on the wire, not counting a snapshot."""
-        return len(self.outbox) + self.entries_in_flight - self.snapshot_outstanding
+    def pending(self) -> int:
+        """Every entry not yet confirmed, delayed, queued, on the wire or in a snapshot."""
+        return len(self.outbox) + self.entries_in_flight
 
     @property
     def can_confirm(self) -> bool:
@@ -94,11 +133,12 @@ class FollowerProgress:
     def queue(self, shipment: Shipment) -> list[Shipment]:
         """Queue a shipment; return the shipments that will not be confirmed one by one.
 
-        Usually nothing. Past `max_backlog`, the whole outbox is dropped and
-        replaced by a snapshot of the store (which holds the new entry too), so
-        the leader's memory stays bounded however long a follower stays away.
+        Usually nothing. Once the follower has failed to take `max_backlog` entries,
+        the whole outbox is dropped and replaced by a snapshot of the store (which
+        holds the new entry too), so the leader's memory stays bounded however long
+        a follower stays away.
         """
-        if self.backlog >= self.max_backlog:
+        if self.backlog(shipment.enqueued_at) >= self.max_backlog:
             dropped = self.outbox.drain()
             self.snapshot_outstanding -= sum(1 for s in dropped if s.resync)
             self.resync(shipment.enqueued_at)
@@ -117,8 +157,14 @@ class FollowerProgress:
     # -- the delivery loop -------------------------------------------------
 
     def next_batch(self, now: float, max_in_flight: int) -> list[Shipment] | None:
-        """The batch to send now; an empty list is a heartbeat; None means wait."""
+        """The batch to send now; an empty list is a heartbeat; None means wait.
+
+        Nothing is sent while the follower's entries wait to be pulled: the caller
+        pulls them (see :attr:`wants_pull`).
+        """
         if self.batches_in_flight >= max_in_flight or now < self.blocked_until:
+            return None
+        if self.needs_pull:
             return None
         batch = self.outbox.take_ready(now)
         if batch:
@@ -128,12 +174,18 @@ class FollowerProgress:
             return []
         return None
 
+    def wants_pull(self, now: float) -> bool:
+        """Whether the caller should read the follower's entries now."""
+        return self.needs_pull and self.batches_in_flight == 0 and now >= self.blocked_until
+
     def next_wake(self, now: float, max_in_flight: int) -> float | None:
         """When :meth:`next_batch` may next have something; None: nothing to wait for."""
         if self.batches_in_flight >= max_in_flight:
             return None
         if now < self.blocked_until:
             return self.blocked_until
+        if self.needs_pull:
+            return None
         ready = self.outbox.next_ready_at()
         candidates = [] if ready is None else [ready]
         if self.batches_in_flight == 0:
@@ -152,16 +204,18 @@ class FollowerProgress:
         self.consecutive_failures = 0
         self.last_error = None
         self.delivered += len(batch)
-        self.batches += 1
+        if batch:
+            self.batches += 1
+        else:
+            self.heartbeats += 1
         if self.snapshot_outstanding:
             self.snapshot_outstanding -= sum(1 for s in batch if s.resync)
-        known = self.node_id
         self.node_id = confirmation.node_id
         self.follower_last_version = confirmation.last_version
-        if known != confirmation.node_id:
-            # A restarted follower lost what it had confirmed, and a follower met for
-            # the first time (after the leader started) may lack anything.
-            self.resync(now)
+        if confirmation.node_id != self.merged_node_id:
+            # Met for the first time, or restarted: it may hold writes this leader lacks
+            # (it was frozen or partitioned while an earlier leader wrote to it).
+            self.needs_pull = True
         return recovered
 
     def handle_failure(self, batch: list[Shipment], now: float, error: str) -> float:
@@ -173,6 +227,48 @@ class FollowerProgress:
         self.blocked_until = now + backoff
         self.outbox.retry(batch, self.blocked_until)
         return backoff
+
+    def handle_fenced(self, batch: list[Shipment], now: float, error: str) -> None:
+        """The follower refused the batch's term: it has heard from another leader.
+
+        The batch goes back (the leader's next batch carries its newer term), and
+        the follower's entries are pulled before anything else is sent.
+        """
+        self._returned(batch)
+        self.last_error = error
+        self.outbox.retry(batch, now)
+        self.needs_pull = True
+        self.merged_node_id = None
+
+    def handle_conflict(self) -> None:
+        """The follower holds another write under a version sent: pull and merge it."""
+        self.needs_pull = True
+        self.merged_node_id = None
+
+    def handle_pulled(self, node_id: str, in_sync: bool, now: float) -> None:
+        """The follower's entries (of process `node_id`) are merged into the leader's store."""
+        self.pulls += 1
+        self.node_id = self.merged_node_id = node_id
+        self.needs_pull = False
+        self.consecutive_failures = 0
+        self.last_error = None
+        if not in_sync:
+            self.resync(now)
+
+    def handle_pull_failure(self, now: float, error: str) -> float:
+        """Reading its entries failed: back off, as for a failed batch."""
+        self.consecutive_failures += 1
+        self.last_error = error
+        backoff = retry_backoff(self.consecutive_failures)
+        self.blocked_until = now + backoff
+        return backoff
+
+    def adopt(self, node_id: str, in_sync: bool, now: float) -> None:
+        """Its entries were merged at the leader's start-up: no pull needed at first contact."""
+        self.merged_node_id = node_id
+        self.needs_pull = False
+        if not in_sync:
+            self.resync(now)
 
     def _returned(self, batch: list[Shipment]) -> None:
         self.batches_in_flight -= 1

@@ -39,11 +39,6 @@ def quorum_reached(acks: int, required: int) -> bool:
     return acks >= required
 
 
-def failures_tolerated(followers: int, quorum: int) -> int:
-    """How many followers may be down while writes at `quorum` still succeed."""
-    return followers - quorum
-
-
 def retry_backoff(consecutive_failures: int, base: float = 0.05, cap: float = 1.0) -> float:
     """Exponential backoff in seconds: 50 ms, 100 ms, 200 ms ... capped at one second."""
     if consecutive_failures <= 0:
@@ -88,29 +83,47 @@ class Shipment:
 
 
 class Outbox:
-    """Shipments waiting for one follower, ordered by the time they become ready."""
+    """Shipments waiting for one follower, in two parts.
+
+    *Delayed* shipments are still inside their simulated network delay: the
+    network has them, not the follower. *Ready* ones have waited out their delay
+    (or failed and wait for a retry) and are what the follower has yet to take;
+    only those count against MAX_REPLICATION_QUEUE. Ready shipments leave in
+    version order.
+    """
 
     def __init__(self, max_batch_entries: int = 1024, max_batch_bytes: int = 4 * 1024 * 1024):
         if max_batch_entries < 1 or max_batch_bytes < 1:
             raise ValueError("batch limits must be positive")
         self.max_batch_entries = max_batch_entries
         self.max_batch_bytes = max_batch_bytes
-        self._heap: list[tuple[float, int, int, Shipment]] = []
+        self._delayed: list[tuple[float, int, int, Shipment]] = []  # by ready_at
+        self._ready: list[tuple[int, int, Shipment]] = []  # by version
         self._sequence = 0  # tie-breaker, so shipments themselves are never compared
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._delayed) + len(self._ready)
 
     def add(self, shipment: Shipment) -> None:
         self._sequence += 1
         item = (shipment.ready_at, shipment.entry.version, self._sequence, shipment)
-        heapq.heappush(self._heap, item)
+        heapq.heappush(self._delayed, item)
+
+    def _promote(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, version, sequence, shipment = heapq.heappop(self._delayed)
+            heapq.heappush(self._ready, (version, sequence, shipment))
 
     def next_ready_at(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        """When a shipment is next ready: -inf if one is ready now, None if there is none."""
+        if self._ready:
+            return float("-inf")
+        return self._delayed[0][0] if self._delayed else None
 
     def ready_count(self, now: float) -> int:
-        return sum(1 for ready_at, *_ in self._heap if ready_at <= now)
+        """Shipments past their delay and not yet taken: what the follower has yet to take."""
+        self._promote(now)
+        return len(self._ready)
 
     def take_ready(self, now: float) -> list[Shipment]:
         """Remove and return the shipments ready at `now`, within the batch limits.
@@ -118,32 +131,35 @@ class Outbox:
         A batch always holds at least one ready shipment, however large, so an
         entry bigger than the byte limit still ships (on its own).
         """
+        self._promote(now)
         batch: list[Shipment] = []
         size = 0
-        while self._heap and self._heap[0][0] <= now and len(batch) < self.max_batch_entries:
-            shipment = self._heap[0][3]
+        while self._ready and len(batch) < self.max_batch_entries:
+            shipment = self._ready[0][2]
             if batch and size + shipment.size > self.max_batch_bytes:
                 break
-            heapq.heappop(self._heap)
+            heapq.heappop(self._ready)
             batch.append(shipment)
             size += shipment.size
-        batch.sort(key=lambda s: s.entry.version)
         return batch
 
     def drain(self) -> list[Shipment]:
         """Remove and return every shipment."""
-        shipments = [item[3] for item in self._heap]
-        self._heap.clear()
+        shipments = [item[3] for item in self._delayed] + [item[2] for item in self._ready]
+        self._delayed.clear()
+        self._ready.clear()
         return shipments
 
     def retry(self, batch: list[Shipment], at: float) -> None:
-        """Put a failed batch back, to become ready again at `at`."""
+        """Put a failed batch back: ready (the follower failed to take it), not before `at`."""
         for shipment in batch:
             shipment.attempts += 1
             shipment.ready_at = at
-            self.add(shipment)
+            self._sequence += 1
+            heapq.heappush(self._ready, (shipment.entry.version, self._sequence, shipment))
 
 
-def encode_batch(batch: list[Shipment]) -> bytes:
+def encode_batch(batch: list[Shipment], term: int, leader_id: str) -> bytes:
     """The body of one `/replicate` request, built from each entry's cached encoding."""
-    return b'{"entries":[' + b",".join(s.entry.encoded for s in batch) + b"]}"
+    head = b'{"term":%d,"leader_id":"%s","entries":[' % (term, leader_id.encode())
+    return head + b",".join(s.entry.encoded for s in batch) + b"]}"

@@ -17,29 +17,117 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
 from auth import SECRET_HEADER
 from progress import Confirmation, FollowerProgress
-from replication import DelayModel, FollowerState, Shipment, encode_batch, quorum_reached
-from store import Entry
+from replication import (
+    DelayModel,
+    FollowerState,
+    Shipment,
+    encode_batch,
+    quorum_reached,
+    retry_backoff,
+)
+from startup import StartupMerge
+from store import Entry, fingerprint
 from transport import KeepAliveTransport
 
 log = logging.getLogger("kvstore.replication")
 
 Clock = Callable[[], float]
+PAGE_LIMIT = 10_000
+PAGE_TIMEOUT_S = 10.0
+"""Each page of a follower's entries must arrive within this; the whole store may take longer."""
+
+
+class LeaderHooks(Protocol):
+    """What a delivery loop needs from the leader beyond its follower: its term, and merging."""
+
+    @property
+    def term(self) -> int: ...
+
+    @property
+    def leader_id(self) -> str: ...
+
+    def observe_term(self, term: int, foreign: bool = False) -> None:
+        """A follower has seen `term` (`foreign`: begun by another leader): begin a newer one
+        if ours is not newer."""
+
+    def merge(self, url: str, entries: list[Entry]) -> None:
+        """Merge a page of a late follower's entries into the leader's store."""
+
+    def in_sync(self, print_: int) -> bool:
+        """Whether a follower whose entries have this fingerprint holds what the leader does."""
+
+
+@dataclass(frozen=True, slots=True)
+class PulledFollower:
+    node_id: str
+    term: int
+    last_version: int
+    fingerprint: int
+    entries: int
+
+
+async def pull_entries(
+    client: httpx.AsyncClient,
+    on_page: Callable[[list[Entry]], None],
+    *,
+    page_limit: int = PAGE_LIMIT,
+    page_timeout: float = PAGE_TIMEOUT_S,
+) -> PulledFollower:
+    """Read every entry a follower holds, page by page in version order.
+
+    Each page has its own deadline, so a large store takes as long as it takes while a
+    frozen follower is given up on within `page_timeout`. If the follower restarts
+    part-way (its node_id changes), reading starts again from the beginning.
+    """
+    after = 0
+    node_id: str | None = None
+    digest = count = 0
+    while True:
+        async with asyncio.timeout(page_timeout + 1):  # also when it accepts but never answers
+            response = await client.get(
+                "/replicate/entries",
+                params={"after_version": after, "limit": page_limit},
+                timeout=page_timeout,
+            )
+        response.raise_for_status()
+        body = response.json()
+        if node_id is not None and body["node_id"] != node_id:
+            after, digest, count = 0, 0, 0  # it restarted: what was read may be gone
+        node_id = str(body["node_id"])
+        entries = [
+            Entry.from_wire(e["key"], e["value"], int(e["version"]), bool(e["deleted"]))
+            for e in body["entries"]
+        ]
+        on_page(entries)
+        digest ^= fingerprint(entries)
+        count += len(entries)
+        if body["next_after"] is None:
+            return PulledFollower(
+                node_id, int(body["term"]), int(body["last_version"]), digest, count
+            )
+        after = int(body["next_after"])
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A confirmed delivery of one entry to one follower."""
+    """A confirmed delivery of one entry to one follower (or why it will not be confirmed)."""
 
     follower: str
     ok: bool
     delay_ms: float
     latency_ms: float
     attempts: int
+    error: str | None = None
+
+
+OVERFLOWED = "the follower's replication queue overflowed (MAX_REPLICATION_QUEUE)"
+CONFLICT = "the follower holds another write under this version"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +154,12 @@ class FollowerLink:
         delays: DelayModel,
         progress: FollowerProgress,
         *,
+        leader: LeaderHooks,
         clock: Clock = time.monotonic,
         max_in_flight: int = 1,
-        on_confirmation: Callable[[Confirmation], None] | None = None,
     ) -> None:
         self.url = url
-        self.on_confirmation = on_confirmation
+        self.leader = leader
         self.client = client
         self.delays = delays
         self.progress = progress
@@ -82,6 +170,7 @@ class FollowerLink:
         self._timer_at = float("inf")
         self._sends: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._pull_task: asyncio.Task[None] | None = None
         self._request_template: httpx.Request | None = None
 
     @property
@@ -110,7 +199,7 @@ class FollowerLink:
             )
             now = self.clock()
             for dropped in undeliverable:
-                self._resolve(dropped, now, ok=False)
+                self._resolve(dropped, now, ok=False, error=OVERFLOWED)
             ready_at = now
         self._wake_at(ready_at)
         return future
@@ -140,6 +229,8 @@ class FollowerLink:
         while True:
             self._wakeup.clear()
             now = self.clock()
+            if self.progress.wants_pull(now) and self._pull_task is None:
+                self._pull_task = asyncio.create_task(self._pull())
             batch = self.progress.next_batch(now, self.max_in_flight)
             if batch is not None:
                 self.progress.sending(batch, now)
@@ -152,26 +243,58 @@ class FollowerLink:
                 self._wake_at(wake)
             await self._wakeup.wait()
 
+    async def _pull(self) -> None:
+        """Read a late (or restarted) follower's entries into the leader, then resync it."""
+        try:
+            pulled = await pull_entries(self.client, lambda page: self.leader.merge(self.url, page))
+        except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            backoff = self.progress.handle_pull_failure(self.clock(), describe(exc))
+            log.warning("reading %s's entries failed (%s); retrying in %.0f ms",
+                        self.url, describe(exc), backoff * 1000)  # fmt: skip
+        else:
+            self.leader.observe_term(pulled.term)
+            in_sync = self.leader.in_sync(pulled.fingerprint)
+            self.progress.handle_pulled(pulled.node_id, in_sync, self.clock())
+            log.info(
+                "read %d entries from %s (node %s, term %d); %s",
+                pulled.entries, self.url, pulled.node_id[:8], pulled.term,
+                "it holds what the leader holds" if in_sync else "resyncing it with a snapshot",
+            )  # fmt: skip
+        finally:
+            self._pull_task = None
+            self._wakeup.set()
+
     async def _ship(self, batch: list[Shipment]) -> None:
         """Send one batch (or an empty heartbeat) and report the outcome to the progress."""
         error: str | None = None
         confirmation: Confirmation | None = None
+        unconfirmed: set[int] = set()
+        fenced_by: int | None = None
         try:
             response = await self.client.send(self._batch_request(batch))
             if response.status_code == 200:
                 body = response.json()
                 confirmation = Confirmation(str(body["node_id"]), int(body["last_version"]))
+                unconfirmed = set(body.get("unconfirmed") or ())
+            elif response.status_code == 409:
+                fenced_by = int(response.json()["follower_term"])
+                error = f"HTTP 409: {response.json()['error']}"
             else:
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
         except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            error = describe(exc)
         except (ValueError, KeyError, TypeError) as exc:
             error = f"unexpected confirmation: {exc!r}"
         finally:
             self._wakeup.set()
         now = self.clock()
         if confirmation is not None:
-            self._confirm(batch, confirmation, now)
+            self._confirm(batch, confirmation, unconfirmed, now)
+        elif fenced_by is not None:
+            self.leader.observe_term(fenced_by, foreign=True)
+            self.progress.handle_fenced(batch, now, error or "fenced")
+            log.warning("%s refused term %d (%s); reading its entries", self.url,
+                        self.leader.term, error)  # fmt: skip
         else:
             self._fail(batch, error or "unknown error", now)
 
@@ -189,28 +312,34 @@ class FollowerLink:
             "POST",
             template.url,
             headers=template.headers,
-            content=encode_batch(batch),
+            content=encode_batch(batch, self.leader.term, self.leader.leader_id),
             extensions=template.extensions,
         )
 
-    def _confirm(self, batch: list[Shipment], confirmation: Confirmation, now: float) -> None:
-        if self.on_confirmation is not None:
-            self.on_confirmation(confirmation)
+    def _confirm(
+        self, batch: list[Shipment], confirmation: Confirmation, unconfirmed: set[int], now: float
+    ) -> None:
         known = self.progress.node_id
-        resyncs = self.progress.resyncs
         if self.progress.handle_success(batch, confirmation, now):
             log.info("follower %s is reachable again", self.url)
-        if self.progress.resyncs != resyncs and known is not None:
+        if known is not None and known != confirmation.node_id:
             log.warning(
-                "follower %s restarted (node %s, was %s); resyncing it with a snapshot",
+                "follower %s restarted (node %s, was %s); reading its entries",
                 self.url,
                 confirmation.node_id[:8],
                 known[:8],
             )
+        if unconfirmed:
+            self.progress.handle_conflict()
+            log.warning("%s holds other writes under %d version(s) sent; reading its entries",
+                        self.url, len(unconfirmed))  # fmt: skip
         for shipment in batch:
-            self._resolve(shipment, now, ok=True)
+            if shipment.entry.version in unconfirmed:
+                self._resolve(shipment, now, ok=False, error=CONFLICT)
+            else:
+                self._resolve(shipment, now, ok=True)
 
-    def _resolve(self, shipment: Shipment, now: float, ok: bool) -> None:
+    def _resolve(self, shipment: Shipment, now: float, ok: bool, error: str | None = None) -> None:
         future = shipment.waiter
         if future is not None and not future.done():
             future.set_result(
@@ -220,6 +349,7 @@ class FollowerLink:
                     delay_ms=round(shipment.delay_ms, 3),
                     latency_ms=round((now - shipment.enqueued_at) * 1000, 3),
                     attempts=shipment.attempts + 1,
+                    error=error,
                 )
             )
 
@@ -239,9 +369,10 @@ class FollowerLink:
         """Stop the loop; give batches on the wire `grace` seconds to finish."""
         if self._timer is not None:
             self._timer.cancel()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in (self._loop_task, self._pull_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._sends:
             await asyncio.wait(set(self._sends), timeout=grace)
         for task in set(self._sends):
@@ -264,31 +395,54 @@ class Replicator:
     async def close(self) -> None:
         await asyncio.gather(*(link.close() for link in self.links))
 
-    async def gather_entries(self, timeout: float = 2.0) -> tuple[list[Entry], int, int]:
-        """Every entry the reachable followers hold, tombstones included, for a restarted
-        leader to rebuild from: (entries, highest last_version seen, followers reached)."""
+    async def gather(
+        self,
+        merge: StartupMerge,
+        *,
+        page_limit: int = PAGE_LIMIT,
+        page_timeout: float = PAGE_TIMEOUT_S,
+    ) -> None:
+        """Read followers' entries into `merge` until its quorum is reached.
 
-        async def fetch(link: FollowerLink) -> tuple[list[Entry], int] | None:
-            try:
-                # A hard deadline too: a follower that accepts but never answers (frozen)
-                # must not hold up the leader's start.
-                async with asyncio.timeout(timeout + 1):
-                    response = await link.client.get("/replicate/entries", timeout=timeout)
-                response.raise_for_status()
-                body = response.json()
-                entries = [
-                    Entry.create(e["key"], e["value"], int(e["version"]), bool(e["deleted"]))
-                    for e in body["entries"]
-                ]
-                return entries, int(body["last_version"])
-            except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-                log.warning("could not read %s's entries at start-up: %r", link.url, exc)
-                return None
+        Followers that fail are retried with backoff. Once the quorum is reached the
+        rest are left alone: their delivery loops read them as late followers.
+        """
 
-        answers = [a for a in await asyncio.gather(*map(fetch, self.links)) if a]
-        entries = [entry for found, _ in answers for entry in found]
-        last_version = max((version for _, version in answers), default=0)
-        return entries, last_version, len(answers)
+        async def read(link: FollowerLink) -> None:
+            failures = 0
+            while True:
+                try:
+                    pulled = await pull_entries(
+                        link.client,
+                        lambda page: merge.merge_page(link.url, page),
+                        page_limit=page_limit,
+                        page_timeout=page_timeout,
+                    )
+                except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+                    merge.abandon(link.url)
+                    failures += 1
+                    log.log(logging.WARNING if failures in (1, 10) else logging.DEBUG,
+                            "start-up: could not read %s's entries (%s); retrying",
+                            link.url, describe(exc))  # fmt: skip
+                    await asyncio.sleep(retry_backoff(failures))
+                    continue
+                merge.finish(link.url, pulled.node_id, pulled.term, pulled.last_version)
+                log.info(
+                    "start-up: read %d entries from %s (term %d); %d of %d needed",
+                    pulled.entries, link.url, pulled.term, merge.heard, merge.quorum,
+                )  # fmt: skip
+                return
+
+        if merge.ready:
+            return
+        tasks = {asyncio.create_task(read(link)) for link in self.links}
+        try:
+            while tasks and not merge.ready:
+                _, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def confirmable(self) -> int:
         """Followers whose confirmation a new write can count on: not down."""
@@ -297,32 +451,9 @@ class Replicator:
     def broadcast(self, entry: Entry, started_at: float) -> list[asyncio.Future[Delivery]]:
         return [link.send(entry, started_at) for link in self.links]
 
-    async def wait_for_quorum(
-        self,
-        futures: list[asyncio.Future[Delivery]],
-        required: int,
-        timeout: float,
-    ) -> QuorumOutcome:
-        """Wait until `required` futures have confirmed, or `timeout` seconds pass.
 
-        The futures themselves are never cancelled: a delivery that misses the
-        quorum still completes in its follower's loop.
-        """
-        pending = {future for future in futures if not future.done()}
-        acks = sum(1 for future in futures if future.done() and future.result().ok)
-        deadline = self.clock() + timeout
-        while not quorum_reached(acks, required) and pending:
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                break
-            done, pending = await asyncio.wait(
-                pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                break
-            acks += sum(1 for future in done if future.result().ok)
-        deliveries = [future.result() for future in futures if future.done()]
-        return QuorumOutcome(required=required, deliveries=deliveries)
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def follower_client(url: str, secret: str, max_connections: int) -> httpx.AsyncClient:

@@ -42,13 +42,20 @@ class DeliveryReport(BaseModel):
     delay_ms: float = Field(description="The simulated network delay drawn for this delivery.")
     latency_ms: float = Field(description="From the leader's apply to the follower's confirmation.")
     attempts: int
+    error: str | None = Field(
+        None,
+        description="Why ok is false: the follower's queue overflowed, or it holds another write.",
+    )
 
 
 class WriteResponse(BaseModel):
     key: str
     value: Any
-    version: int
+    version: int = Field(
+        description="Strictly increasing across leader restarts: (term - 1) * 10^9 + n."
+    )
     deleted: bool = False
+    term: int = Field(description="The leader's term, which assigned this version.")
     acks: int = Field(description="Followers that had confirmed when this response was sent.")
     write_quorum: int
     latency_ms: float
@@ -61,6 +68,7 @@ class QuorumError(BaseModel):
     error: str
     key: str
     version: int = Field(description="The version the write holds on the leader, where it stays.")
+    term: int
     acks: int
     write_quorum: int
     latency_ms: float
@@ -88,6 +96,9 @@ class StateResponse(BaseModel):
     store: dict[str, Any]
     versions: dict[str, int]
     last_version: int
+    term: int = Field(
+        description="The leader: the term it assigns versions in; a follower: the newest seen."
+    )
 
 
 class FollowerStatus(BaseModel):
@@ -96,13 +107,25 @@ class FollowerStatus(BaseModel):
     lag: int = Field(
         description="Versions behind: the leader's last_version minus the follower's last report."
     )
-    pending: int = Field(description="Entries not yet confirmed by this follower.")
+    pending: int = Field(
+        description="Entries not yet confirmed by this follower, in their simulated delay or not."
+    )
+    backlog: int = Field(
+        description="Entries past their delay that it has failed to take: what "
+        "MAX_REPLICATION_QUEUE caps."
+    )
     delivered: int = Field(description="Entries this follower has confirmed.")
     batches: int = Field(
         description="Requests that carried them: delivered/batches is the batch size."
     )
+    heartbeats: int = Field(description="Empty requests, sent when there is nothing to send.")
     resyncs: int = Field(
-        description="Snapshots sent: at first contact, after a restart, after an overflowing queue."
+        description="Snapshots sent: to a follower that lacked what the leader holds, after a "
+        "restart or an overflowing queue."
+    )
+    pulls: int = Field(
+        description="Times the leader read this follower's entries before sending it anything "
+        "(first contact, restart, or a conflict)."
     )
     last_error: str | None = None
 
@@ -111,6 +134,7 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     role: Role
     last_version: int
+    term: int = Field(description="The leader's term, or the newest a follower has seen.")
     followers: int | None = Field(
         None, description="Leader only: how many followers it replicates to."
     )
@@ -120,9 +144,22 @@ class HealthResponse(BaseModel):
     )
 
 
+class ReadyResponse(BaseModel):
+    ready: bool
+    reason: str | None = Field(None, description="Why not, while not ready.")
+    term: int
+    heard_from: int | None = Field(
+        None, description="Leader: followers whose entries it has read at start-up."
+    )
+    startup_quorum: int | None = Field(None, description="Leader: how many it needs.")
+    followers: int | None = None
+    ready_after_s: float | None = Field(None, description="Leader: seconds from start to ready.")
+
+
 class LeaderConfig(BaseModel):
     followers: list[str]
     write_quorum: int
+    startup_quorum: int
     min_delay_ms: float
     max_delay_ms: float
     replication_timeout_ms: float
@@ -158,6 +195,12 @@ class ReplicatedEntry(BaseModel):
 
 
 class ReplicateRequest(BaseModel):
+    term: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None,
+        description="The sending leader's term. Batches from a term older than the newest the "
+        "follower has seen are refused with 409. Absent: a hand-made batch, not fenced.",
+    )
+    leader_id: StrictStr | None = Field(None, description="Random per leader process start.")
     entries: list[ReplicatedEntry]
 
 
@@ -167,10 +210,27 @@ class ReplicateResponse(BaseModel):
         description="Entries older than what the follower already held: still a success."
     )
     last_version: int
+    term: int = Field(description="The newest term this follower has seen.")
     node_id: str = Field(description="Random per process start, so the leader can tell a restart.")
+    unconfirmed: list[int] = Field(
+        default_factory=list,
+        description="Versions in the batch the follower does not hold (it holds another write "
+        "under that version): not confirmations.",
+    )
+
+
+class TermConflict(BaseModel):
+    error: str
+    detail: Any = None
+    follower_term: int = Field(description="The newest term the follower has seen.")
+    batch_term: int = Field(description="The term the refused batch came from.")
 
 
 class FollowerEntries(BaseModel):
     entries: list[ReplicatedEntry]
     last_version: int
+    term: int = Field(description="The newest term this follower has seen.")
     node_id: str
+    next_after: int | None = Field(
+        description="Pass as after_version for the next page; null on the last page."
+    )

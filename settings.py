@@ -83,8 +83,10 @@ class LeaderSettings(NodeSettings):
     min_delay_ms: float = Field(0, ge=0, le=3_600_000)
     max_delay_ms: float = Field(1000, ge=0, le=3_600_000)
     replication_timeout_ms: float = Field(5000, gt=0, le=3_600_000)
-    # Entries queued for one follower before it is cut over to a snapshot resync.
+    # Entries a follower has failed to take before it is cut over to a snapshot resync.
     max_replication_queue: int = Field(100_000, ge=1)
+    # Followers whose entries a starting leader reads before it takes writes; None: N - W + 1.
+    startup_quorum: int | None = Field(None, ge=0)
 
     @field_validator("followers", mode="before")
     @classmethod
@@ -111,6 +113,16 @@ class LeaderSettings(NodeSettings):
                 f"WRITE_QUORUM is {self.write_quorum} but FOLLOWERS names only "
                 f"{len(self.followers)} follower(s); it must be between 0 and {len(self.followers)}"
             )
+        if self.startup_quorum is None:
+            # Frozen model: fill in the default once, so every reader sees one number.
+            object.__setattr__(
+                self, "startup_quorum", default_startup_quorum(len(self.followers), self.quorum)
+            )
+        elif self.startup_quorum > len(self.followers):
+            raise ValueError(
+                f"STARTUP_QUORUM is {self.startup_quorum} but FOLLOWERS names only "
+                f"{len(self.followers)} follower(s); it must be between 0 and {len(self.followers)}"
+            )
         return self
 
     @property
@@ -119,6 +131,11 @@ class LeaderSettings(NodeSettings):
         if self.write_quorum is None:
             return min(DEFAULT_WRITE_QUORUM, len(self.followers))
         return self.write_quorum
+
+
+def default_startup_quorum(followers: int, write_quorum: int) -> int:
+    """N - W + 1: every set of W followers shares one with it (at most N)."""
+    return max(0, min(followers, followers - write_quorum + 1))
 
 
 def normalise_url(value: str) -> str:

@@ -11,13 +11,39 @@ tested with plain asserts:
 * a deletion is an entry too. It leaves a tombstone carrying its version, so a
   write that was overtaken by the deletion cannot resurrect the key when it
   arrives late.
+
+**Terms.** Every leader start begins a new term, and a version carries its term
+in its high digits: ``version = (term - 1) * TERM_STRIDE + n``. Comparing two
+versions as integers therefore compares them by (term, n), and a leader that
+only ever assigns inside its own term can never assign a version that an
+earlier leader assigned. The first leader of a fresh cluster is term 1, so its
+versions are simply 1, 2, 3...
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+TERM_STRIDE = 1_000_000_000
+"""Versions per term. Term t owns versions (t-1)*TERM_STRIDE+1 .. t*TERM_STRIDE, so
+versions stay below 2**53 (exact in JavaScript) for nine million terms."""
+
+
+def term_of(version: int) -> int:
+    """The term that assigned `version`; 0 for "no version"."""
+    return 0 if version <= 0 else (version - 1) // TERM_STRIDE + 1
+
+
+def first_version(term: int) -> int:
+    return (term - 1) * TERM_STRIDE + 1
+
+
+class TermExhaustedError(RuntimeError):
+    """The current term has no versions left (or a newer term was seen): start a new term."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +78,20 @@ class Entry:
             encode_entry(key, value_json, version, deleted),
         )
 
+    @classmethod
+    def from_wire(cls, key: str, value: Any, version: int, deleted: bool) -> Entry:
+        """An entry received from another node (JSON already decoded)."""
+        return cls.create(key, value, version, deleted)
+
+    def same_write(self, other: Entry) -> bool:
+        """Whether `other` is this very write: same key, version and content."""
+        return (
+            self.version == other.version
+            and self.key == other.key
+            and self.deleted == other.deleted
+            and self.value == other.value
+        )
+
 
 def encode_json(value: Any) -> str:
     """Compact JSON. Raises ValueError for NaN and infinities, which JSON cannot carry."""
@@ -76,6 +116,21 @@ class VersionedStore:
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
         self._last_version = 0
+        self._term = 0
+        self._by_version: list[Entry] | None = None  # a version-ordered index, built on demand
+
+    @property
+    def term(self) -> int:
+        """The term this store assigns versions in (leader); 0 until one is begun."""
+        return self._term
+
+    def begin_term(self, term: int) -> None:
+        """Assign versions in `term` from now on. It must be newer than every version seen."""
+        if term <= max(self._term, term_of(self._last_version)):
+            raise ValueError(
+                f"term {term} is not newer than term {max(self._term, term_of(self._last_version))}"
+            )
+        self._term = term
 
     @property
     def last_version(self) -> int:
@@ -89,10 +144,23 @@ class VersionedStore:
             return None
         return entry
 
-    def version_of(self, key: str) -> int:
-        """The version held for `key`, tombstones included; 0 when never seen."""
-        entry = self._entries.get(key)
-        return 0 if entry is None else entry.version
+    def held(self, key: str) -> Entry | None:
+        """The newest entry for `key`, tombstone or not."""
+        return self._entries.get(key)
+
+    def holds(self, entry: Entry) -> bool:
+        """Whether this store holds `entry` itself or a newer entry for its key.
+
+        What a follower may confirm: holding the same version with other content
+        (a version assigned twice) is not holding it.
+        """
+        held = self._entries.get(entry.key)
+        if held is None:
+            return False
+        return held.version > entry.version or held.same_write(entry)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def keys(self) -> list[str]:
         return sorted(key for key, entry in self._entries.items() if not entry.deleted)
@@ -103,6 +171,23 @@ class VersionedStore:
 
     def live_items(self) -> list[Entry]:
         return [self._entries[key] for key in self.keys()]
+
+    def page(self, after_version: int, limit: int) -> list[Entry]:
+        """Up to `limit` entries with a version above `after_version`, in version order.
+
+        Paging through the store this way (each page starting after the last
+        version of the one before) visits every entry once, as long as the store
+        does not change in between; the index is rebuilt after any change.
+        """
+        if self._by_version is None:
+            self._by_version = sorted(self._entries.values(), key=lambda entry: entry.version)
+        index = self._by_version
+        start = bisect.bisect_right(index, after_version, key=lambda entry: entry.version)
+        return index[start : start + limit]
+
+    def fingerprint(self) -> int:
+        """An order-independent digest of every (key, version) held: equal stores, equal prints."""
+        return fingerprint(self._entries.values())
 
     # -- leader side -----------------------------------------------------
 
@@ -116,12 +201,29 @@ class VersionedStore:
             return None
         return self._assign(key, None, deleted=True, value_json="null")
 
+    def rewrite(self, entry: Entry) -> Entry:
+        """Assign a new version to `entry`'s write: the leader settling a merged key."""
+        return self._assign(entry.key, entry.value, entry.deleted, None)
+
     def _assign(self, key: str, value: Any, deleted: bool, value_json: str | None) -> Entry:
-        version = self._last_version + 1
+        version = self.next_version()
         entry = Entry.create(key, value, version, deleted, value_json)
         self._entries[key] = entry
         self._last_version = version
+        self._by_version = None
         return entry
+
+    def next_version(self) -> int:
+        """The version the next write gets: above everything seen, inside the current term.
+
+        Raises TermExhaustedError when that is impossible (the term is used up, or a
+        version of a newer term has been seen): the leader must begin a new term.
+        """
+        term = max(self._term, 1)
+        version = max(self._last_version + 1, first_version(term))
+        if term_of(version) != term:
+            raise TermExhaustedError(f"term {term} has no version above {self._last_version}")
+        return version
 
     # -- replica side ----------------------------------------------------
 
@@ -138,6 +240,7 @@ class VersionedStore:
         if current is not None and current.version >= entry.version:
             return False
         self._entries[entry.key] = entry
+        self._by_version = None
         return True
 
     def apply_batch(self, entries: list[Entry]) -> ApplyResult:
@@ -147,3 +250,14 @@ class VersionedStore:
     def advance_to(self, version: int) -> None:
         """Make the next assigned version greater than `version` (seen elsewhere)."""
         self._last_version = max(self._last_version, version)
+
+
+def fingerprint(entries: Iterable[Entry]) -> int:
+    """XOR of a hash of each (key, version): equal for equal sets, in any order.
+
+    Only compared inside one process (Python salts string hashes per process).
+    """
+    digest = 0
+    for entry in entries:
+        digest ^= hash((entry.key, entry.version))
+    return digest

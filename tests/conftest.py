@@ -81,6 +81,7 @@ async def in_process_cluster(
         leader_app.router.lifespan_context(leader_app),
         asgi_client(leader_app, "http://leader.test") as leader_client,
     ):
+        await eventually(lambda: leader_is_ready(leader_client), 10)
         try:
             yield InProcessCluster(leader_client, follower_clients, leader_app, follower_apps)
         finally:
@@ -92,6 +93,10 @@ async def in_process_cluster(
 async def cluster() -> AsyncIterator[InProcessCluster]:
     async with in_process_cluster() as c:
         yield c
+
+
+async def leader_is_ready(client: httpx.AsyncClient) -> bool:
+    return (await client.get("/ready")).status_code == 200
 
 
 class ControlledTransport(httpx.AsyncBaseTransport):

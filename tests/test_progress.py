@@ -1,58 +1,75 @@
-"""FollowerProgress as a state machine: heartbeats, failures, restarts and the backlog cap."""
+"""FollowerProgress as a state machine: heartbeats, pulls, failures, restarts, fencing, the cap."""
 
 from progress import Confirmation, FollowerProgress
 from replication import FollowerState, Shipment
 from store import Entry, VersionedStore
 
 
-def shipment(version: int, at: float = 0.0) -> Shipment:
-    return Shipment(Entry.create(f"k{version}", version, version), 0.0, at, at)
+def shipment(version: int, at: float = 0.0, delay: float = 0.0) -> Shipment:
+    return Shipment(Entry.create(f"k{version}", version, version), delay, at, at + delay)
+
+
+def heartbeat(progress: FollowerProgress, node: str, now: float, last_version: int = 0) -> None:
+    beat = progress.next_batch(now, 1)
+    assert beat == []
+    progress.sending(beat, now)
+    progress.handle_success(beat, Confirmation(node, last_version), now)
 
 
 def met(progress: FollowerProgress, node: str = "node-a", now: float = 0.0) -> None:
-    """Complete the first contact (a heartbeat) and the resync it triggers."""
-    heartbeat = progress.next_batch(now, 1)
-    assert heartbeat == []
-    progress.sending(heartbeat, now)
-    progress.handle_success(heartbeat, Confirmation(node, 0), now)
-    snapshot = progress.next_batch(now, 1)
-    if snapshot:
-        progress.sending(snapshot, now)
-        progress.handle_success(snapshot, Confirmation(node, 0), now)
+    """First contact: the pull of its entries (found in sync), then a heartbeat."""
+    assert progress.wants_pull(now) and progress.next_batch(now, 1) is None
+    progress.handle_pulled(node, in_sync=True, now=now)
+    heartbeat(progress, node, now)
 
 
 def test_an_idle_follower_gets_a_heartbeat_every_half_second():
     progress = FollowerProgress(lambda: [])
-    assert progress.next_batch(0.0, 1) == []
-    progress.sending([], 0.0)
-    assert progress.next_batch(0.1, 1) is None  # one in flight
-    progress.handle_success([], Confirmation("a", 0), 0.1)
+    met(progress)
     assert progress.next_batch(0.2, 1) is None
     assert progress.next_wake(0.2, 1) == 0.5
     assert progress.next_batch(0.5, 1) == []
+    assert (progress.heartbeats, progress.batches) == (1, 0), "heartbeats are not batches"
+    assert progress.resyncs == 0, "first contact is not a resync"
 
 
-def test_first_contact_resyncs_with_the_whole_store_tombstones_included():
+def test_first_contact_pulls_before_sending_and_resyncs_only_if_out_of_sync():
     store = VersionedStore()
     store.put("a", 1)
     store.put("b", 2)
     store.delete("a")
     progress = FollowerProgress(store.entries)
-    heartbeat = progress.next_batch(0.0, 1)
-    assert heartbeat is not None
-    progress.sending(heartbeat, 0.0)
-    progress.handle_success(heartbeat, Confirmation("a", 0), 0.0)
+    progress.queue(shipment(3))
     assert progress.state(0.0) == FollowerState.RESYNCING
+    assert progress.next_batch(0.0, 1) is None, "no data before its entries are merged"
+    assert progress.wants_pull(0.0)
+    progress.handle_pulled("a", in_sync=False, now=0.0)
+    assert progress.resyncs == 1 and progress.pulls == 1
     snapshot = progress.next_batch(0.0, 1)
     assert snapshot is not None
-    assert [(s.entry.key, s.entry.deleted) for s in snapshot] == [("b", False), ("a", True)]
+    keys = {(s.entry.key, s.entry.deleted) for s in snapshot}
+    assert keys == {("b", False), ("a", True), ("k3", False)}
     progress.sending(snapshot, 0.0)
     progress.handle_success(snapshot, Confirmation("a", 3), 0.0)
     assert progress.state(0.0) == FollowerState.UP
     assert progress.follower_last_version == 3
 
 
-def test_a_restart_is_noticed_by_its_new_node_id_and_resynced():
+def test_a_follower_in_sync_at_first_contact_gets_no_snapshot():
+    progress = FollowerProgress(lambda: [Entry.create("k", 1, 1)])
+    met(progress)
+    assert progress.resyncs == 0 and progress.snapshot_outstanding == 0
+    assert progress.state(0.0) == FollowerState.UP
+
+
+def test_a_follower_read_at_the_leaders_start_up_needs_no_pull():
+    progress = FollowerProgress(lambda: [])
+    progress.adopt("a", in_sync=True, now=0.0)
+    heartbeat(progress, "a", 0.0)
+    assert not progress.needs_pull and progress.pulls == 0
+
+
+def test_a_restart_is_noticed_by_its_new_node_id_and_pulled_again():
     store = VersionedStore()
     progress = FollowerProgress(store.entries)
     met(progress, "before")
@@ -62,8 +79,8 @@ def test_a_restart_is_noticed_by_its_new_node_id_and_resynced():
     assert batch is not None
     progress.sending(batch, 1.0)
     progress.handle_success(batch, Confirmation("after", 1), 1.0)
-    assert progress.resyncs == 2  # the first contact, then the restart
-    assert progress.state(1.0) == FollowerState.RESYNCING
+    assert progress.needs_pull and progress.state(1.0) == FollowerState.RESYNCING
+    progress.handle_pulled("after", in_sync=False, now=1.0)
     resync = progress.next_batch(1.0, 1)
     assert resync is not None and [s.entry.key for s in resync] == ["k"]
 
@@ -86,6 +103,29 @@ def test_failures_mark_the_follower_down_and_retry_after_a_backoff():
     assert progress.can_confirm and progress.state(2.0) == FollowerState.UP
 
 
+def test_a_fenced_batch_goes_back_and_the_follower_is_pulled():
+    progress = FollowerProgress(lambda: [])
+    met(progress)
+    progress.queue(shipment(1, at=1.0))
+    batch = progress.next_batch(1.0, 1)
+    assert batch is not None
+    progress.sending(batch, 1.0)
+    progress.handle_fenced(batch, 1.0, "HTTP 409: older term")
+    assert progress.needs_pull and progress.consecutive_failures == 0
+    assert progress.next_batch(1.0, 1) is None
+    progress.handle_pulled("node-a", in_sync=True, now=1.0)
+    again = progress.next_batch(1.0, 1)
+    assert again is not None and [s.entry.version for s in again] == [1]
+
+
+def test_a_failed_pull_backs_off_and_is_retried():
+    progress = FollowerProgress(lambda: [])
+    backoff = progress.handle_pull_failure(0.0, "ReadTimeout")
+    assert progress.state(0.0) == FollowerState.DOWN
+    assert not progress.wants_pull(backoff / 2)
+    assert progress.wants_pull(backoff)
+
+
 def test_past_the_backlog_cap_the_queue_is_replaced_by_a_snapshot():
     store = VersionedStore()
     for i in range(3):
@@ -93,15 +133,24 @@ def test_past_the_backlog_cap_the_queue_is_replaced_by_a_snapshot():
     progress = FollowerProgress(store.entries, max_backlog=3)
     for version in (1, 2, 3):
         assert progress.queue(shipment(version)) == []
-    assert progress.backlog == 3
+    assert progress.backlog(0.0) == 3
     undeliverable = progress.queue(shipment(4))
     assert [s.entry.version for s in undeliverable] == [1, 2, 3, 4]
-    assert progress.backlog == 0, "the dropped queue no longer counts"
+    assert progress.backlog(0.0) == 0, "the dropped queue no longer counts"
     assert progress.snapshot_outstanding == 2 and len(progress.outbox) == 2
     assert progress.state(0.0) == FollowerState.RESYNCING
     # New writes queue behind the snapshot as usual.
     assert progress.queue(shipment(5)) == []
-    assert progress.backlog == 1
+    assert progress.backlog(0.0) == 1
+
+
+def test_entries_inside_their_simulated_delay_do_not_count_against_the_cap():
+    progress = FollowerProgress(lambda: [], max_backlog=3)
+    met(progress)
+    for version in range(1, 101):
+        assert progress.queue(shipment(version, at=0.0, delay=1.0)) == []
+    assert progress.backlog(0.5) == 0 and progress.pending == 100
+    assert progress.resyncs == 0
 
 
 def test_the_backlog_stays_bounded_for_a_follower_that_never_answers():

@@ -10,7 +10,6 @@ from replication import (
     Outbox,
     Shipment,
     encode_batch,
-    failures_tolerated,
     quorum_reached,
     retry_backoff,
 )
@@ -64,14 +63,25 @@ def test_batch_byte_cap_still_ships_an_oversized_entry_alone():
     assert [s.entry.version for s in outbox.take_ready(1.0)] == [2]
 
 
-def test_failed_batch_is_retried_after_backoff_and_counts_attempts():
+def test_a_failed_batch_goes_back_as_ready_and_counts_attempts():
     outbox = Outbox()
     outbox.add(shipment(1, 0.0))
     batch = outbox.take_ready(0.0)
     outbox.retry(batch, at=0.25)
-    assert outbox.take_ready(0.2) == []
+    # The follower failed to take it: it is part of the backlog at once (the backoff is
+    # the follower's, enforced by its progress, not the entry's).
+    assert outbox.ready_count(0.1) == 1
     again = outbox.take_ready(0.25)
     assert [s.attempts for s in again] == [1]
+
+
+def test_entries_inside_their_simulated_delay_are_not_backlog():
+    outbox = Outbox()
+    outbox.add(shipment(1, 0.5))
+    outbox.add(shipment(2, 0.1))
+    assert len(outbox) == 2 and outbox.ready_count(0.0) == 0
+    assert outbox.ready_count(0.2) == 1
+    assert [s.entry.version for s in outbox.take_ready(1.0)] == [1, 2]
 
 
 def test_retry_backoff_grows_and_is_capped():
@@ -84,7 +94,8 @@ def test_retry_backoff_grows_and_is_capped():
 
 def test_encode_batch_is_the_replicate_body():
     batch = [shipment(1, 0.0, "a", [1]), shipment(2, 0.0, "b", {"x": None})]
-    body = json.loads(encode_batch(batch))
+    body = json.loads(encode_batch(batch, 3, "leader-a"))
+    assert (body["term"], body["leader_id"]) == (3, "leader-a")
     assert [e["key"] for e in body["entries"]] == ["a", "b"]
     assert body["entries"][1]["value"] == {"x": None}
 
@@ -111,5 +122,3 @@ def test_quorum_counting():
     assert quorum_reached(acks=0, required=0)
     assert not quorum_reached(acks=2, required=3)
     assert quorum_reached(acks=3, required=3)
-    assert failures_tolerated(followers=5, quorum=3) == 2
-    assert failures_tolerated(followers=5, quorum=5) == 0

@@ -48,7 +48,7 @@ def test_tombstone_stops_a_late_write_from_resurrecting_the_key():
     replica.maybe_apply(Entry("k", None, 3, deleted=True))
     assert not replica.maybe_apply(Entry("k", "v2", 2))  # overtaken by the deletion
     assert replica.get("k") is None
-    assert replica.version_of("k") == 3
+    assert replica.held("k").version == 3
     assert replica.keys() == []
 
 

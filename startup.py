@@ -1,0 +1,179 @@
+"""How a leader gets back everything acknowledged, and how terms fence old leaders. No I/O.
+
+A leader keeps no promise on its own: without DATA_DIR its memory dies with it,
+and with `APPENDFSYNC=everysec` the last second of its log can. What it
+acknowledged at quorum W is on at least W followers, so a restarting leader reads
+the entries of `STARTUP_QUORUM = N - W + 1` followers before it takes a write:
+any W followers and any N - W + 1 followers share at least one, so every write
+acknowledged at quorum W is among what it reads.
+
+* :class:`StartupMerge` counts the followers heard from, merges their entries
+  into the leader's store, and picks the new term: above the term in DATA_DIR,
+  above every term a follower reported, above every version it holds.
+* :func:`merge_entries` is the one merge rule, for start-up and for a *late*
+  follower (one that answers only after the leader started): per key, the newest
+  by (term, version), which is integer order of versions. One exception keeps
+  acknowledged writes: an entry from another leader never outranks a write this
+  leader made itself (this leader started after every other one, so its writes
+  are the later ones); such keys, and keys held under one version with two
+  different contents, are *restamped*: written again under a new version, which
+  every replica then takes.
+* :class:`TermFence` is a follower's memory of the newest term it has seen, and
+  the rule that refuses batches from older terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from store import Entry, VersionedStore, fingerprint, term_of
+
+
+@dataclass
+class MergeOutcome:
+    """What merging one batch of another node's entries into the leader's store did."""
+
+    adopted: list[Entry] = field(default_factory=list)
+    """Entries newer than the leader's: now held by the leader, to be sent to every follower."""
+    restamp: list[Entry] = field(default_factory=list)
+    """The leader's entries to write again under a new version, so that every replica takes
+    them over the other node's (an older leader's entry outranked this leader's own write,
+    or one version was held with two contents)."""
+
+    def extend(self, other: MergeOutcome) -> None:
+        self.adopted += other.adopted
+        self.restamp += other.restamp
+
+
+def merge_entries(
+    store: VersionedStore, entries: Iterable[Entry], own_terms: frozenset[int] | set[int]
+) -> MergeOutcome:
+    """Merge another node's entries into the leader's `store`; see the module docstring."""
+    outcome = MergeOutcome()
+    for entry in entries:
+        held = store.held(entry.key)
+        if held is None:
+            store.maybe_apply(entry)
+            outcome.adopted.append(entry)
+        elif entry.version > held.version:
+            if term_of(held.version) in own_terms:
+                store.advance_to(entry.version)
+                outcome.restamp.append(held)
+            else:
+                store.maybe_apply(entry)
+                outcome.adopted.append(entry)
+        elif entry.version == held.version and not held.same_write(entry):
+            outcome.restamp.append(held)
+        else:
+            store.advance_to(entry.version)
+    return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class FollowerReport:
+    """What one follower told a starting leader once all its entries were read."""
+
+    url: str
+    node_id: str
+    term: int
+    last_version: int
+    fingerprint: int
+
+
+class StartupMerge:
+    """The leader's start-up read quorum: who has answered, and what term comes next."""
+
+    def __init__(self, store: VersionedStore, quorum: int, persisted_term: int = 0) -> None:
+        self.store = store
+        self.quorum = quorum
+        self.persisted_term = persisted_term
+        self.reports: dict[str, FollowerReport] = {}
+        self.outcome = MergeOutcome()
+        self._highest_term = persisted_term
+        self._fingerprints: dict[str, int] = {}
+
+    # -- while reading -------------------------------------------------------
+
+    def merge_page(self, url: str, entries: list[Entry]) -> None:
+        """Merge one page of a follower's entries (nothing of this leader's exists yet)."""
+        self.outcome.extend(merge_entries(self.store, entries, frozenset()))
+        self._fingerprints[url] = self._fingerprints.get(url, 0) ^ fingerprint(entries)
+
+    def abandon(self, url: str) -> None:
+        """A follower failed part-way: its pages stay merged (they are real entries), but it
+        does not count towards the quorum until read again from the start."""
+        self._fingerprints.pop(url, None)
+
+    def finish(self, url: str, node_id: str, term: int, last_version: int) -> None:
+        """Every page of `url` has been merged: it counts towards the quorum."""
+        self.reports[url] = FollowerReport(
+            url, node_id, term, last_version, self._fingerprints.pop(url, 0)
+        )
+        self._highest_term = max(self._highest_term, term)
+        self.store.advance_to(last_version)
+
+    # -- the decision ----------------------------------------------------------
+
+    @property
+    def heard(self) -> int:
+        return len(self.reports)
+
+    @property
+    def ready(self) -> bool:
+        return self.heard >= self.quorum
+
+    def waiting_reason(self, followers: int) -> str:
+        return (
+            f"the leader is starting: it has read the entries of {self.heard} of the "
+            f"{self.quorum} follower(s) it needs (STARTUP_QUORUM, of {followers}) before it "
+            "takes writes"
+        )
+
+    def new_term(self) -> int:
+        """Strictly above every term in DATA_DIR, reported by a follower, or in a version held."""
+        return max(self._highest_term, term_of(self.store.last_version), self.store.term) + 1
+
+    def in_sync(self, url: str) -> bool:
+        """Whether the follower at `url` held exactly what the leader holds after the merge."""
+        report = self.reports.get(url)
+        return report is not None and report.fingerprint == self.store.fingerprint()
+
+
+@dataclass
+class TermFence:
+    """A follower's memory of the newest term it has seen and which leader began it.
+
+    A batch from an older term is refused, so nothing a dead or paused leader left
+    on the wire can overwrite a newer leader's writes. A batch that claims the
+    same term from a different leader is refused too: two leaders that picked one
+    term could have assigned one version twice, and the newer leader must move to
+    a term of its own first.
+    """
+
+    term: int = 0
+    leader_id: str | None = None
+
+    def check(self, term: int | None, leader_id: str | None) -> str | None:
+        """None if a batch from (term, leader_id) may be applied; otherwise the reason."""
+        if term is None:
+            return None  # a hand-made batch, outside the protocol: not fenced
+        if term < self.term:
+            return (
+                f"batch from term {term} refused: this follower has seen term {self.term}, "
+                "so the batch comes from an older leader"
+            )
+        if term == self.term and leader_id != self.leader_id and self.leader_id is not None:
+            return (
+                f"batch from term {term} refused: another leader began term {term} on this "
+                "follower; the leader must begin a newer term"
+            )
+        return None
+
+    def observe(self, term: int | None, leader_id: str | None) -> bool:
+        """Record an accepted batch's term; True if it is newer than any seen (persist it)."""
+        if term is None or term <= self.term:
+            return False
+        self.term = term
+        self.leader_id = leader_id
+        return True
