@@ -137,7 +137,10 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     @app.get(
         "/replicate/entries",
         response_model=FollowerEntries,
-        responses={401: {"model": ErrorResponse, "description": "Missing or wrong secret."}},
+        responses={
+            401: {"model": ErrorResponse, "description": "Missing or wrong secret."},
+            409: {"model": TermConflict, "description": "The reader's term is older."},
+        },
         openapi_extra={"parameters": [SECRET_PARAMETER]},
         tags=["internal"],
     )
@@ -146,12 +149,28 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         limit: Annotated[
             int, Query(ge=1, le=PAGE_LIMIT_MAX, description="At most this many entries.")
         ] = PAGE_LIMIT_DEFAULT,
+        term: Annotated[
+            int | None, Query(ge=1, description="The reading leader's term, if it has begun one.")
+        ] = None,
+        leader_id: Annotated[str | None, Query(description="The reading leader.")] = None,
     ) -> Response:
         """The entries this follower holds, tombstones included, one page at a time.
 
         A starting leader reads these, page by page in version order, to get back
-        what it acknowledged; it also reads a follower that comes back late.
+        what it acknowledged; it also reads a follower that comes back late. A read
+        that names its leader fences first: batches from older terms, and from other
+        leaders of the current term, are refused from then on (409 if the reader's own
+        term is the older one).
         """
+        if term is not None:
+            if (refusal := fence.check(term, leader_id)) is not None:
+                conflict = TermConflict(error=refusal, follower_term=fence.term, batch_term=term)
+                return JSONResponse(conflict.model_dump(), status_code=409)
+            changed = fence.observe(term, leader_id)
+        else:
+            changed = leader_id is not None and fence.claim(leader_id)
+        if changed:
+            storage.save_term(fence.term, fence.leader_id)
         page = store.page(after_version, limit)
         more = len(page) == limit
         body = FollowerEntries.model_construct(

@@ -108,7 +108,7 @@ class LeaderNode:
         self._startup_task = asyncio.create_task(self._start_up(), name="leader-start-up")
 
     async def _start_up(self) -> None:
-        await self.replicator.gather(self.startup)
+        await self.replicator.gather(self.startup, leader_id=self.leader_id)
         merged = self.startup.outcome
         self.storage.record(merged.adopted)
         self.begin_term(self.startup.new_term())

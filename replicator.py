@@ -72,10 +72,20 @@ class PulledFollower:
     entries: int
 
 
+class Fenced(Exception):
+    """The follower refused a read: it has seen a term newer than (or another leader's) ours."""
+
+    def __init__(self, follower_term: int, message: str) -> None:
+        super().__init__(message)
+        self.follower_term = follower_term
+
+
 async def pull_entries(
     client: httpx.AsyncClient,
     on_page: Callable[[list[Entry]], None],
     *,
+    leader_id: str,
+    term: int | None = None,
     page_limit: int = PAGE_LIMIT,
     page_timeout: float = PAGE_TIMEOUT_S,
 ) -> PulledFollower:
@@ -88,13 +98,19 @@ async def pull_entries(
     after = 0
     node_id: str | None = None
     digest = count = 0
+    # Naming the leader (and its term) fences the follower before it is read: nothing an
+    # older leader left on the wire can land after this read.
+    fence = {"leader_id": leader_id} | ({} if term is None else {"term": term})
     while True:
         async with asyncio.timeout(page_timeout + 1):  # also when it accepts but never answers
             response = await client.get(
                 "/replicate/entries",
-                params={"after_version": after, "limit": page_limit},
+                params={"after_version": after, "limit": page_limit, **fence},
                 timeout=page_timeout,
             )
+        if response.status_code == 409:
+            body = response.json()
+            raise Fenced(int(body["follower_term"]), str(body["error"]))
         response.raise_for_status()
         body = response.json()
         if node_id is not None and body["node_id"] != node_id:
@@ -246,7 +262,15 @@ class FollowerLink:
     async def _pull(self) -> None:
         """Read a late (or restarted) follower's entries into the leader, then resync it."""
         try:
-            pulled = await pull_entries(self.client, lambda page: self.leader.merge(self.url, page))
+            pulled = await pull_entries(
+                self.client,
+                lambda page: self.leader.merge(self.url, page),
+                leader_id=self.leader.leader_id,
+                term=self.leader.term,
+            )
+        except Fenced as exc:
+            self.leader.observe_term(exc.follower_term, foreign=True)  # then read it again
+            log.warning("%s refused term %d (%s)", self.url, self.leader.term, exc)
         except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
             backoff = self.progress.handle_pull_failure(self.clock(), describe(exc))
             log.warning("reading %s's entries failed (%s); retrying in %.0f ms",
@@ -399,6 +423,7 @@ class Replicator:
         self,
         merge: StartupMerge,
         *,
+        leader_id: str,
         page_limit: int = PAGE_LIMIT,
         page_timeout: float = PAGE_TIMEOUT_S,
     ) -> None:
@@ -415,10 +440,18 @@ class Replicator:
                     pulled = await pull_entries(
                         link.client,
                         lambda page: merge.merge_page(link.url, page),
+                        leader_id=leader_id,
                         page_limit=page_limit,
                         page_timeout=page_timeout,
                     )
-                except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+                except (
+                    Fenced,
+                    httpx.HTTPError,
+                    TimeoutError,
+                    ValueError,
+                    KeyError,
+                    TypeError,
+                ) as exc:
                     merge.abandon(link.url)
                     failures += 1
                     log.log(logging.WARNING if failures in (1, 10) else logging.DEBUG,

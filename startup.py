@@ -170,6 +170,15 @@ class TermFence:
             )
         return None
 
+    def claim(self, leader_id: str) -> bool:
+        """A starting leader is reading this follower: from now on, batches of the current term
+        from any other leader are refused, so nothing the previous leader left on the wire
+        lands after the read. True if that changed anything (persist it)."""
+        if self.leader_id == leader_id:
+            return False
+        self.leader_id = leader_id
+        return True
+
     def observe(self, term: int | None, leader_id: str | None) -> bool:
         """Record an accepted batch's term; True if it is newer than any seen (persist it)."""
         if term is None or term <= self.term:
