@@ -7,7 +7,6 @@ any follower; writes go to the leader, and a follower refuses them with 403.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -18,6 +17,7 @@ from fastapi.responses import JSONResponse
 from api import KeyPath, RejectLargeBodies, install_error_handlers, read_router
 from auth import SECRET_HEADER, RequireSecret
 from durability import Storage
+from follower_core import FollowerCore, Refused
 from schemas import (
     ErrorResponse,
     FollowerConfig,
@@ -31,7 +31,6 @@ from schemas import (
     TermConflict,
 )
 from settings import FollowerSettings, configure_logging, load_settings
-from startup import TermFence
 from store import Entry
 
 PAGE_LIMIT_DEFAULT = 10_000
@@ -55,9 +54,8 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     settings = settings or load_settings(FollowerSettings)
     configure_logging(settings)
     storage = Storage(settings.data_dir, settings.appendfsync)
-    store = storage.store
-    node_id = uuid.uuid4().hex
-    fence = TermFence()
+    core = FollowerCore(storage.store)
+    store, fence = core.store, core.fence
     # One batch holds at most 4 MiB of entries, or a single larger entry.
     body_limit = 4 * 1024 * 1024 + settings.max_body_bytes
 
@@ -67,7 +65,7 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         fence.term, fence.leader_id = storage.load_term()
         log.info(
             "follower %s ready; leader is %s",
-            node_id[:8],
+            core.node_id[:8],
             settings.leader_url or "not set",
         )
         try:
@@ -108,28 +106,23 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         seen. Each entry is confirmed only if the follower then holds that very write
         or a newer one; a repeat is harmless.
         """
-        refusal = fence.check(body.term, body.leader_id)
-        if refusal is not None:
-            conflict = TermConflict(
-                error=refusal, follower_term=fence.term, batch_term=body.term or 0
-            )
-            return JSONResponse(conflict.model_dump(), status_code=409)
-        if fence.observe(body.term, body.leader_id):
+        entries = [Entry(e.key, e.value, e.version, e.deleted) for e in body.entries]
+        outcome = core.handle_replicate(body.term, body.leader_id, entries)
+        if isinstance(outcome, Refused):
+            return refused(outcome)
+        if outcome.term_changed:
             storage.save_term(fence.term, fence.leader_id)
             log.info("now in term %d (leader %s)", fence.term, (fence.leader_id or "?")[:8])
-        entries = [Entry(e.key, e.value, e.version, e.deleted) for e in body.entries]
-        result = store.apply_batch(entries)
-        storage.record(result.applied)
+        storage.record(outcome.applied)
         if storage.waits_for_fsync:
             await storage.sync()  # APPENDFSYNC=always: confirmed only once on disk
-        unconfirmed = [] if not result.stale else [e.version for e in entries if not store.holds(e)]
         confirmation = ReplicateResponse(
-            applied=len(result.applied),
-            stale=result.stale,
+            applied=len(outcome.applied),
+            stale=outcome.stale,
             last_version=store.last_version,
             term=fence.term,
-            node_id=node_id,
-            unconfirmed=unconfirmed,
+            node_id=core.node_id,
+            unconfirmed=outcome.unconfirmed,
         )
         # Serialised directly: the model is already valid, so FastAPI need not check it again.
         return Response(confirmation.model_dump_json(), media_type="application/json")
@@ -162,31 +155,33 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         leaders of the current term, are refused from then on (409 if the reader's own
         term is the older one).
         """
-        if term is not None:
-            if (refusal := fence.check(term, leader_id)) is not None:
-                conflict = TermConflict(error=refusal, follower_term=fence.term, batch_term=term)
-                return JSONResponse(conflict.model_dump(), status_code=409)
-            changed = fence.observe(term, leader_id)
-        else:
-            changed = leader_id is not None and fence.claim(leader_id)
-        if changed:
+        read = core.handle_read(after_version, limit, term, leader_id)
+        if isinstance(read, Refused):
+            return refused(read)
+        if read.term_changed:
             storage.save_term(fence.term, fence.leader_id)
-        page = store.page(after_version, limit)
-        more = len(page) == limit
         body = FollowerEntries.model_construct(
             entries=[
                 ReplicatedEntry.model_construct(
                     key=e.key, value=e.value, version=e.version, deleted=e.deleted
                 )
-                for e in page
+                for e in read.entries
             ],
             last_version=store.last_version,
             term=fence.term,
-            node_id=node_id,
-            next_after=page[-1].version if more else None,
+            node_id=core.node_id,
+            next_after=read.next_after,
         )
         # Built without re-validating: a page can hold a hundred thousand entries.
         return Response(body.model_dump_json(), media_type="application/json")
+
+    def refused(refusal: Refused) -> JSONResponse:
+        conflict = TermConflict(
+            error=refusal.reason,
+            follower_term=refusal.follower_term,
+            batch_term=refusal.batch_term,
+        )
+        return JSONResponse(conflict.model_dump(), status_code=409)
 
     def refuse_write() -> HTTPException:
         where = (

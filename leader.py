@@ -153,7 +153,7 @@ def create_app(
         return value_json
 
     def check_ready() -> None:
-        if (reason := node.not_ready_reason()) is not None:
+        if (reason := node.waiting_reason()) is not None:
             raise HTTPException(503, reason)
 
     async def replicate(
@@ -290,7 +290,7 @@ def create_app(
         """Readiness: 200 once the start-up read quorum has been merged and writes are taken."""
         body = ReadyResponse(
             ready=node.ready,
-            reason=node.not_ready_reason(),
+            reason=node.waiting_reason(),
             term=node.term,
             heard_from=node.startup.heard,
             startup_quorum=node.startup.quorum,

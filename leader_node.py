@@ -1,8 +1,9 @@
-"""The leader's state and operations, apart from HTTP: terms, start-up, writes, merging.
+"""The leader's network side: a link to every follower, and the start-up read, around LeaderCore.
 
-leader.py's routes translate HTTP to calls on a :class:`LeaderNode`; the pure
-rules it applies live in store.py (versions), startup.py (the start-up read
-quorum, the merge rule, fencing) and progress.py (each follower's state).
+leader.py's routes translate HTTP to calls on a :class:`LeaderNode`; the rules it
+follows are :class:`leader_core.LeaderCore`'s, which this class extends with I/O
+only: the log (through :class:`durability.Storage`), one delivery loop and client
+per follower, and the start-up read running in the background.
 """
 
 from __future__ import annotations
@@ -11,19 +12,17 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 
 from durability import Storage
+from leader_core import LeaderCore
 from progress import FollowerProgress
 from replication import DelayModel
 from replicator import Delivery, FollowerLink, Replicator, follower_client
 from settings import LeaderSettings
-from startup import StartupMerge, merge_entries
-from store import Entry, TermExhaustedError, term_of
+from store import Entry
 
 log = logging.getLogger("kvstore.leader")
 
@@ -31,8 +30,8 @@ ClientFactory = Callable[[str], httpx.AsyncClient]
 MAX_IN_FLIGHT_PER_FOLLOWER = 1
 
 
-class LeaderNode:
-    """One leader process: its store and log, its term, and a link to every follower."""
+class LeaderNode(LeaderCore):
+    """One leader process: LeaderCore, its log, and a delivery loop to every follower."""
 
     def __init__(
         self,
@@ -43,57 +42,28 @@ class LeaderNode:
     ) -> None:
         self.settings = settings
         self.storage = Storage(settings.data_dir, settings.appendfsync)
-        self.store = self.storage.store
-        self.leader_id = uuid.uuid4().hex
-        self.own_terms: set[int] = set()
-        self.delays = DelayModel(
-            settings.min_delay_ms, settings.max_delay_ms, rng or random.Random()
+        super().__init__(
+            self.storage.store,
+            int(settings.startup_quorum or 0),
+            record=self.storage.record,
+            save_term=self.storage.save_term,
+            broadcast=self._broadcast,
         )
+        rng = rng or random.Random()
+        self.delays = DelayModel(settings.min_delay_ms, settings.max_delay_ms, rng)
+        secret = settings.replication_secret
         self.make_client = client_factory or (
-            lambda url: follower_client(
-                url, settings.replication_secret, MAX_IN_FLIGHT_PER_FOLLOWER
-            )
+            lambda url: follower_client(url, secret, MAX_IN_FLIGHT_PER_FOLLOWER)
         )
         self.replicator = Replicator([])
-        self.startup = StartupMerge(self.store, int(settings.startup_quorum or 0))
-        self.ready = False
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
         self._startup_task: asyncio.Task[None] | None = None
 
-    # -- what LeaderHooks asks of it -------------------------------------------
-
-    @property
-    def term(self) -> int:
-        return self.store.term
-
-    def observe_term(self, term: int, foreign: bool = False) -> None:
-        """A follower has seen `term` (`foreign`: begun by another leader). If ours is not
-        newer, begin a term above it, so that nothing we assign can collide with its versions."""
-        if term > self.term or (foreign and term >= self.term):
-            self.begin_term(max(term, term_of(self.store.last_version)) + 1)
-
-    def merge(self, url: str, entries: list[Entry]) -> None:
-        """Merge a page of a late follower's entries; replicate what the leader lacked."""
-        outcome = merge_entries(self.store, entries, self.own_terms)
-        if outcome.adopted:
-            self.storage.record(outcome.adopted)
-            now = time.monotonic()
-            for entry in outcome.adopted:
-                self.replicator.broadcast(entry, now)
-            log.info("took %d newer entries from late follower %s", len(outcome.adopted), url)
-        self.restamp(outcome.restamp)
-
-    def in_sync(self, print_: int) -> bool:
-        return print_ == self.store.fingerprint()
-
-    # -- life cycle --------------------------------------------------------------
-
     def open(self, clients: dict[str, httpx.AsyncClient]) -> None:
         """Replay the log, and read followers' entries (through `clients`) in the background."""
         self.storage.open()
-        persisted, _ = self.storage.load_term()
-        self.startup.persisted_term = persisted
+        self.startup.persisted_term, _ = self.storage.load_term()
         self.replicator.links = [
             FollowerLink(
                 url,
@@ -109,17 +79,14 @@ class LeaderNode:
 
     async def _start_up(self) -> None:
         await self.replicator.gather(self.startup, leader_id=self.leader_id)
-        merged = self.startup.outcome
-        self.storage.record(merged.adopted)
-        self.begin_term(self.startup.new_term())
+        adopted = len(self.startup.outcome.adopted)
+        reports = self.finish_startup()
         now = time.monotonic()
         for link in self.replicator.links:
-            report = self.startup.reports.get(link.url)
-            if report is not None:
-                link.progress.adopt(report.node_id, self.startup.in_sync(link.url), now)
-        self.restamp(merged.restamp)
+            if link.url in reports:
+                node_id, in_sync = reports[link.url]
+                link.progress.adopt(node_id, in_sync, now)
         self.ready_after_s = time.monotonic() - self.started_at
-        self.ready = True
         self.replicator.start()
         log.info(
             "ready in %.2f s: read %d of %d followers (STARTUP_QUORUM %d), took %d newer "
@@ -128,7 +95,7 @@ class LeaderNode:
             self.startup.heard,
             len(self.settings.followers),
             self.startup.quorum,
-            len(merged.adopted),
+            adopted,
             self.term,
             self.store.next_version(),
         )
@@ -140,55 +107,13 @@ class LeaderNode:
         await self.replicator.close()
         await self.storage.close()
 
-    def begin_term(self, term: int) -> None:
-        """Record `term` durably (with DATA_DIR) before assigning a single version in it."""
-        self.storage.save_term(term, self.leader_id)
-        self.store.begin_term(term)
-        self.own_terms.add(term)
-        log.info("began term %d", term)
-
-    def not_ready_reason(self) -> str | None:
-        if self.ready:
-            return None
-        return self.startup.waiting_reason(len(self.settings.followers))
-
-    # -- writes --------------------------------------------------------------------
-
-    def put(self, key: str, value: Any, value_json: str) -> Entry:
-        """Assign the next version and apply the write, with no await in between."""
-        entry = self._assigning(lambda: self.store.put(key, value, value_json))
-        self.storage.record([entry])
-        return entry
-
-    def delete(self, key: str) -> Entry | None:
-        entry = self._assigning(lambda: self.store.delete(key))
-        if entry is not None:
-            self.storage.record([entry])
-        return entry
-
-    def _assigning(self, assign: Callable[[], Any]) -> Any:
-        try:
-            return assign()
-        except TermExhaustedError:
-            self.begin_term(term_of(self.store.last_version) + 1)
-            return assign()
-
-    def restamp(self, entries: list[Entry]) -> None:
-        """Write each entry again under a new version, if the leader still holds it."""
-        now = time.monotonic()
-        for held in entries:
-            if self.store.held(held.key) is not held:
-                continue  # written since: that write is newer than anything merged
-            entry = self._rewrite(held)
-            self.storage.record([entry])
-            self.replicator.broadcast(entry, now)
-        if entries:
-            log.warning(
-                "wrote %d key(s) again under term %d to settle them", len(entries), self.term
-            )
-
-    def _rewrite(self, held: Entry) -> Entry:
-        return self._assigning(lambda: self.store.rewrite(held))
+    def waiting_reason(self) -> str | None:
+        return self.not_ready_reason(len(self.settings.followers))
 
     def replicate(self, entry: Entry, started_at: float) -> list[asyncio.Future[Delivery]]:
+        """Hand `entry` to every follower's delivery loop: one future each."""
         return self.replicator.broadcast(entry, started_at)
+
+    def _broadcast(self, entry: Entry) -> None:
+        """Send an entry no client waits for (adopted from a late follower, or restamped)."""
+        self.replicator.broadcast(entry, time.monotonic())

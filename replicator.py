@@ -56,7 +56,7 @@ class LeaderHooks(Protocol):
         """A follower has seen `term` (`foreign`: begun by another leader): begin a newer one
         if ours is not newer."""
 
-    def merge(self, url: str, entries: list[Entry]) -> None:
+    def merge(self, entries: list[Entry]) -> None:
         """Merge a page of a late follower's entries into the leader's store."""
 
     def in_sync(self, print_: int) -> bool:
@@ -264,7 +264,7 @@ class FollowerLink:
         try:
             pulled = await pull_entries(
                 self.client,
-                lambda page: self.leader.merge(self.url, page),
+                self.leader.merge,
                 leader_id=self.leader.leader_id,
                 term=self.leader.term,
             )

@@ -1,0 +1,141 @@
+"""The leader's replication rules, with no I/O: terms, start-up, writes, merging late followers.
+
+:class:`leader_node.LeaderNode` wraps this with the network (delivery loops, the
+start-up read); the model-based test drives it directly. Everything that has to
+leave the leader is handed to the hooks it is built with: `record` (append to
+the log), `save_term` (persist a term) and `broadcast` (send an entry to every
+follower, with no one waiting for it).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from startup import StartupMerge, merge_entries
+from store import Entry, TermExhaustedError, VersionedStore, term_of
+
+log = logging.getLogger("kvstore.leader")
+
+
+def _ignore(*_: object) -> None:
+    return None
+
+
+class LeaderCore:
+    """One leader incarnation: its store, the terms it has begun, and its start-up merge."""
+
+    def __init__(
+        self,
+        store: VersionedStore,
+        startup_quorum: int,
+        *,
+        leader_id: str | None = None,
+        persisted_term: int = 0,
+        record: Callable[[list[Entry]], None] = _ignore,
+        save_term: Callable[[int, str], None] = _ignore,
+        broadcast: Callable[[Entry], None] = _ignore,
+    ) -> None:
+        self.store = store
+        self.leader_id = leader_id or uuid.uuid4().hex
+        self.own_terms: set[int] = set()
+        self.startup = StartupMerge(store, startup_quorum, persisted_term)
+        self.ready = False
+        self.record = record
+        self.save_term = save_term
+        self.broadcast = broadcast
+
+    @property
+    def term(self) -> int:
+        return self.store.term
+
+    # -- terms -----------------------------------------------------------------------
+
+    def begin_term(self, term: int) -> None:
+        """Persist `term` (when there is a DATA_DIR) before assigning a single version in it."""
+        self.save_term(term, self.leader_id)
+        self.store.begin_term(term)
+        self.own_terms.add(term)
+        log.info("began term %d", term)
+
+    def observe_term(self, term: int, foreign: bool = False) -> None:
+        """A follower has seen `term` (`foreign`: begun by another leader). If ours is not
+        newer, begin a term above it, so that nothing we assign can collide with its versions."""
+        if term > self.term or (foreign and term >= self.term):
+            self.begin_term(max(term, term_of(self.store.last_version)) + 1)
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def finish_startup(self) -> dict[str, tuple[str, bool]]:
+        """The read quorum is in: begin the new term, settle conflicts, take writes.
+
+        Returns, for each follower read, its node_id and whether it held exactly
+        what the leader now holds (if not, it gets a snapshot).
+        """
+        merged = self.startup.outcome
+        self.record(merged.adopted)
+        self.begin_term(self.startup.new_term())
+        reports = {
+            url: (report.node_id, self.startup.in_sync(url))
+            for url, report in self.startup.reports.items()
+        }
+        self.restamp(merged.restamp)
+        self.ready = True
+        return reports
+
+    def not_ready_reason(self, followers: int) -> str | None:
+        return None if self.ready else self.startup.waiting_reason(followers)
+
+    # -- writes --------------------------------------------------------------------------
+
+    def put(self, key: str, value: Any, value_json: str | None = None) -> Entry:
+        """Assign the next version and apply the write, in one synchronous step."""
+        entry = self._assigning(lambda: self.store.put(key, value, value_json))
+        self.record([entry])
+        return entry
+
+    def delete(self, key: str) -> Entry | None:
+        entry = self._assigning(lambda: self.store.delete(key))
+        if entry is not None:
+            self.record([entry])
+        return entry
+
+    def _assigning(self, assign: Callable[[], Any]) -> Any:
+        try:
+            return assign()
+        except TermExhaustedError:
+            self.begin_term(term_of(self.store.last_version) + 1)
+            return assign()
+
+    # -- late followers --------------------------------------------------------------------
+
+    def merge(self, entries: list[Entry]) -> None:
+        """Merge a page of a late follower's entries; send every follower what was adopted."""
+        outcome = merge_entries(self.store, entries, self.own_terms)
+        if outcome.adopted:
+            self.record(outcome.adopted)
+            for entry in outcome.adopted:
+                self.broadcast(entry)
+            log.info("took %d newer entries from a late follower", len(outcome.adopted))
+        self.restamp(outcome.restamp)
+
+    def in_sync(self, print_: int) -> bool:
+        return print_ == self.store.fingerprint()
+
+    def restamp(self, entries: list[Entry]) -> None:
+        """Write each entry again under a new version, if the leader still holds it."""
+        settled = 0
+        for held in entries:
+            if self.store.held(held.key) is not held:
+                continue  # written since: that write is newer than anything merged
+            entry = self._rewrite(held)
+            self.record([entry])
+            self.broadcast(entry)
+            settled += 1
+        if settled:
+            log.warning("wrote %d key(s) again in term %d to settle them", settled, self.term)
+
+    def _rewrite(self, held: Entry) -> Entry:
+        return self._assigning(lambda: self.store.rewrite(held))
