@@ -101,6 +101,16 @@ def create_app(
         node.open(clients)
         if settings.write_quorum is None and n < 3:
             log.warning("WRITE_QUORUM is not set; with %d follower(s) it defaults to %d", n, n)
+        if settings.data_dir is None and n and 2 * node.startup.quorum <= n:
+            log.warning(
+                "STARTUP_QUORUM is %d of %d followers and there is no DATA_DIR: if every follower "
+                "this leader reads at start-up was away for all of the previous leader's life, it "
+                "may reuse that leader's term (see the README); set DATA_DIR, or STARTUP_QUORUM "
+                "above %d, to rule that out",
+                node.startup.quorum,
+                n,
+                n // 2,
+            )
         log.info(
             "leader replicating to %d follower(s), write quorum %d, startup quorum %s, "
             "delay %g..%g ms",

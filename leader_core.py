@@ -69,14 +69,15 @@ class LeaderCore:
     # -- start-up ----------------------------------------------------------------------
 
     def finish_startup(self) -> dict[str, tuple[str, bool]]:
-        """The read quorum is in: begin the new term, settle conflicts, take writes.
+        """The read quorum holds the new term: begin it, settle conflicts, take writes.
 
         Returns, for each follower read, its node_id and whether it held exactly
         what the leader now holds (if not, it gets a snapshot).
         """
         merged = self.startup.outcome
+        assert self.startup.ready and self.startup.chosen_term is not None
         self.record(merged.adopted)
-        self.begin_term(self.startup.new_term())
+        self.begin_term(self.startup.chosen_term)
         reports = {
             url: (report.node_id, self.startup.in_sync(url))
             for url, report in self.startup.reports.items()

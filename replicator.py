@@ -72,6 +72,10 @@ class PulledFollower:
     entries: int
 
 
+READ_ERRORS = (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError)
+"""What reading a follower can raise: the network, or a body that is not what was expected."""
+
+
 class Fenced(Exception):
     """The follower refused a read: it has seen a term newer than (or another leader's) ours."""
 
@@ -271,7 +275,7 @@ class FollowerLink:
         except Fenced as exc:
             self.leader.observe_term(exc.follower_term, foreign=True)  # then read it again
             log.warning("%s refused term %d (%s)", self.url, self.leader.term, exc)
-        except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+        except READ_ERRORS as exc:
             backoff = self.progress.handle_pull_failure(self.clock(), describe(exc))
             log.warning("reading %s's entries failed (%s); retrying in %.0f ms",
                         self.url, describe(exc), backoff * 1000)  # fmt: skip
@@ -426,11 +430,14 @@ class Replicator:
         leader_id: str,
         page_limit: int = PAGE_LIMIT,
         page_timeout: float = PAGE_TIMEOUT_S,
-    ) -> None:
-        """Read followers' entries into `merge` until its quorum is reached.
+    ) -> int:
+        """Read followers' entries into `merge`, then record the new term on them; return it.
 
-        Followers that fail are retried with backoff. Once the quorum is reached the
-        rest are left alone: their delivery loops read them as late followers.
+        Round after round: read followers (retrying failures with backoff) until the
+        quorum is read, choose a term above everything read, and claim it on the
+        followers read. A follower that fails its claim is read again later. Once
+        the quorum holds the term, the rest are left to their delivery loops, which
+        read them as late followers.
         """
 
         async def read(link: FollowerLink) -> None:
@@ -454,9 +461,11 @@ class Replicator:
                 ) as exc:
                     merge.abandon(link.url)
                     failures += 1
-                    log.log(logging.WARNING if failures in (1, 10) else logging.DEBUG,
-                            "start-up: could not read %s's entries (%s); retrying",
-                            link.url, describe(exc))  # fmt: skip
+                    log.log(
+                        logging.WARNING if failures in (1, 10) else logging.DEBUG,
+                        "start-up: could not read %s's entries (%s); retrying",
+                        link.url, describe(exc),
+                    )  # fmt: skip
                     await asyncio.sleep(retry_backoff(failures))
                     continue
                 merge.finish(link.url, pulled.node_id, pulled.term, pulled.last_version)
@@ -466,16 +475,47 @@ class Replicator:
                 )  # fmt: skip
                 return
 
-        if merge.ready:
-            return
-        tasks = {asyncio.create_task(read(link)) for link in self.links}
-        try:
-            while tasks and not merge.ready:
-                _, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async def claim(link: FollowerLink, term: int) -> None:
+            try:
+                async with asyncio.timeout(page_timeout + 1):
+                    response = await link.client.get(
+                        "/replicate/entries",
+                        params={"term": term, "leader_id": leader_id, "limit": 1},
+                        timeout=page_timeout,
+                    )
+                if response.status_code == 409:
+                    merge.observe(int(response.json()["follower_term"]))
+                    merge.forget(link.url)
+                    return
+                response.raise_for_status()
+                merge.claimed(link.url, term)
+            except READ_ERRORS as exc:
+                log.warning("start-up: could not record term %d on %s (%s)",
+                            term, link.url, describe(exc))  # fmt: skip
+                merge.forget(link.url)
+
+        while True:
+            tasks = {
+                asyncio.create_task(read(link))
+                for link in self.links
+                if link.url not in merge.reports
+            }
+            try:
+                while tasks and not merge.read_enough:
+                    _, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            term = merge.choose_term()
+            unclaimed = [
+                link
+                for link in self.links
+                if link.url in merge.reports and link.url not in merge.claims
+            ]
+            await asyncio.gather(*(claim(link, term) for link in unclaimed))
+            if merge.ready:
+                return term
 
     def confirmable(self) -> int:
         """Followers whose confirmation a new write can count on: not down."""

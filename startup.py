@@ -90,7 +90,9 @@ class StartupMerge:
         self.persisted_term = persisted_term
         self.reports: dict[str, FollowerReport] = {}
         self.outcome = MergeOutcome()
-        self._highest_term = persisted_term
+        self.chosen_term: int | None = None
+        self.claims: set[str] = set()
+        self._highest_term = 0
         self._fingerprints: dict[str, int] = {}
 
     # -- while reading -------------------------------------------------------
@@ -104,6 +106,15 @@ class StartupMerge:
         """A follower failed part-way: its pages stay merged (they are real entries), but it
         does not count towards the quorum until read again from the start."""
         self._fingerprints.pop(url, None)
+
+    def observe(self, term: int) -> None:
+        """A follower refused our claim: it has seen `term` (from another leader)."""
+        self._highest_term = max(self._highest_term, term)
+
+    def forget(self, url: str) -> None:
+        """A follower read earlier failed its claim: it must be read (and claimed) again."""
+        self.reports.pop(url, None)
+        self.claims.discard(url)
 
     def finish(self, url: str, node_id: str, term: int, last_version: int) -> None:
         """Every page of `url` has been merged: it counts towards the quorum."""
@@ -120,19 +131,52 @@ class StartupMerge:
         return len(self.reports)
 
     @property
-    def ready(self) -> bool:
+    def read_enough(self) -> bool:
+        """Enough followers read to choose a term and claim it."""
         return self.heard >= self.quorum
 
+    @property
+    def ready(self) -> bool:
+        """Enough followers read *and* holding the new term: the leader may take writes."""
+        return self.read_enough and len(self.claims) >= self.quorum
+
     def waiting_reason(self, followers: int) -> str:
+        if not self.read_enough:
+            return (
+                f"the leader is starting: it has read the entries of {self.heard} of the "
+                f"{self.quorum} follower(s) it needs (STARTUP_QUORUM, of {followers}) before it "
+                "takes writes"
+            )
         return (
-            f"the leader is starting: it has read the entries of {self.heard} of the "
-            f"{self.quorum} follower(s) it needs (STARTUP_QUORUM, of {followers}) before it "
-            "takes writes"
+            f"the leader is starting: {len(self.claims)} of the {self.quorum} follower(s) it "
+            f"read (STARTUP_QUORUM, of {followers}) have recorded its new term {self.chosen_term}"
         )
 
     def new_term(self) -> int:
         """Strictly above every term in DATA_DIR, reported by a follower, or in a version held."""
-        return max(self._highest_term, term_of(self.store.last_version), self.store.term) + 1
+        return (
+            max(
+                self.persisted_term,
+                self._highest_term,
+                term_of(self.store.last_version),
+                self.store.term,
+            )
+            + 1
+        )
+
+    def choose_term(self) -> int:
+        """The term to claim on the followers read. A starting leader records it on them before
+        taking writes, so that the next leader to read any of them begins a newer one."""
+        term = self.new_term()
+        if self.chosen_term is not None and self.chosen_term >= term:
+            return self.chosen_term  # still newer than everything read: its claims stand
+        self.chosen_term = term
+        self.claims.clear()
+        return term
+
+    def claimed(self, url: str, term: int) -> None:
+        if term == self.chosen_term and url in self.reports:
+            self.claims.add(url)
 
     def in_sync(self, url: str) -> bool:
         """Whether the follower at `url` held exactly what the leader holds after the merge."""

@@ -80,15 +80,33 @@ def test_startup_merge_keeps_the_newest_of_each_key_and_picks_a_newer_term():
     store = VersionedStore()
     merge = StartupMerge(store, quorum=2, persisted_term=1)
     reported(merge, "a", [Entry.create("x", 1, 1), Entry.create("y", 1, 2)], term=2)
-    assert not merge.ready and "1 of the 2" in merge.waiting_reason(3)
+    assert not merge.read_enough and "1 of the 2" in merge.waiting_reason(3)
     deleted_y = Entry.create("y", None, first_version(2) + 4, deleted=True)
     reported(merge, "b", [Entry.create("x", 2, 3), deleted_y], term=2)
-    assert merge.ready
+    assert merge.read_enough and not merge.ready, "not before the new term is recorded"
     assert store.get("x") is not None and store.get("x").value == 2  # type: ignore[union-attr]
     assert store.get("y") is None, "a deletion is never undone by an older write"
     assert merge.new_term() == 3
     assert not merge.in_sync("a") and merge.in_sync("b"), "b held every newest entry"
     assert merge.outcome.restamp == []
+
+
+def test_a_starting_leader_is_ready_once_its_read_quorum_holds_the_new_term():
+    store = VersionedStore()
+    merge = StartupMerge(store, quorum=2)
+    reported(merge, "a", [], term=3)
+    reported(merge, "b", [], term=1)
+    term = merge.choose_term()
+    assert term == 4
+    merge.claimed("a", term)
+    assert not merge.ready and "1 of the 2" in merge.waiting_reason(3)
+    merge.forget("b")  # its claim failed: it must be read again
+    assert not merge.read_enough
+    reported(merge, "c", [], term=5)  # ...and someone read since has seen a newer term
+    assert merge.choose_term() == 6 and merge.claims == set()
+    merge.claimed("a", 6)
+    merge.claimed("c", 6)
+    assert merge.ready
 
 
 def test_startup_merge_term_is_above_the_persisted_one_and_every_version():
