@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit integration lint format analysis clean
+.PHONY: run test unit integration nemesis lint format analysis clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -27,6 +27,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(PY) -m pytest test_integration.py $(ARGS)
+
+## nemesis: random faults against a real cluster, then a history check (ARGS="--seconds 600 --seed N")
+nemesis: $(STAMP)
+	$(PY) tools/nemesis.py $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -288,10 +288,17 @@ class LocalCluster:
         """SIGKILL the leader: no shutdown, no final fsync."""
         self.nodes[0].kill()
 
-    def restart_leader(self, timeout: float = 30.0, wait_ready: bool = True) -> None:
-        """Start the leader again; by default wait until it takes writes (`/ready`)."""
+    def restart_leader(
+        self, timeout: float = 30.0, wait_ready: bool = True, fresh: bool = False
+    ) -> None:
+        """Start the leader again; by default wait until it takes writes (`/ready`).
+
+        `fresh` first deletes its DATA_DIR: it comes back with no memory at all.
+        """
         node = self.nodes[0]
         node.stop()
+        if fresh and "DATA_DIR" in node.env:
+            shutil.rmtree(node.env["DATA_DIR"], ignore_errors=True)
         node.start()
         wait_healthy_nodes([node], timeout, "/ready" if wait_ready else "/health")
 
@@ -396,6 +403,7 @@ class ComposeCluster:
         services = [self._service(i) for i in range(len(self.follower_urls))]
         self._compose("start", "leader", *services)
         wait_healthy([self.leader_url, *self.follower_urls], 60.0)
+        wait_healthy([self.leader_url], 60.0, path="/ready")
 
 
 def default_compose_command() -> list[str]:

@@ -33,7 +33,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from cluster import ClusterControl, ComposeCluster, LocalCluster
+from cluster import ClusterControl, ComposeCluster, LocalCluster, wait_healthy
 from loadgen import ConnectionPool
 
 SECRET_HEADER = "X-Replication-Secret"
@@ -64,6 +64,7 @@ def cluster() -> Iterator[Cluster]:
     leader_url = os.environ.get("KV_LEADER_URL")
     if leader_url:
         followers = [u for u in os.environ.get("KV_FOLLOWER_URLS", "").split(",") if u]
+        wait_healthy([leader_url], 60, path="/ready")  # a starting leader reads its followers
         info = httpx.get(f"{leader_url}/", timeout=10, trust_env=False).json()
         secret = os.environ.get("KV_REPLICATION_SECRET", "dev-replication-secret")
         project = os.environ.get("KV_COMPOSE_PROJECT")

@@ -95,7 +95,7 @@ followers=""
 for port in $FOLLOWER1_PORT $FOLLOWER2_PORT $FOLLOWER3_PORT $FOLLOWER4_PORT $FOLLOWER5_PORT; do
   followers="${followers:+$followers,}http://127.0.0.1:$port"
 done
-"$PYTHON" -c "from cluster import wait_healthy; wait_healthy(['http://127.0.0.1:$LEADER_PORT'], 120)"
+"$PYTHON" -c "from cluster import wait_healthy; wait_healthy(['http://127.0.0.1:$LEADER_PORT'], 120, path='/ready')"
 
 log "running test_integration.py against the containers"
 KV_LEADER_URL="http://127.0.0.1:$LEADER_PORT" KV_FOLLOWER_URLS="$followers" \

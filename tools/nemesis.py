@@ -1,0 +1,271 @@
+"""A nemesis: random faults against a real local cluster under writes, then a history check.
+
+    python tools/nemesis.py                          # 60 s, a random seed (printed)
+    python tools/nemesis.py --seconds 600 --seed 7   # a long run, replaying seed 7's schedule
+
+It starts a leader and three followers (WRITE_QUORUM 2, so STARTUP_QUORUM 2,
+delays 0..40 ms, every node with a DATA_DIR) on free loopback ports. Clients
+write and delete a small set of keys at w = 0..3 while the nemesis, on a
+schedule drawn from the seed, SIGKILLs and restarts the leader and followers
+(some restarts with their DATA_DIR deleted: memory loss), and freezes followers
+with SIGSTOP for a while. Every operation is recorded with its outcome. At the
+end every node is healed, and the checker goes over the whole history:
+
+* no version was ever given to two different writes;
+* every write acknowledged (200) at w >= 1 is on the leader (that version or a
+  newer one) if a follower that confirmed it kept its memory afterwards; a
+  deletion likewise stays deleted unless written again;
+* every replica's /state equals the leader's after quiescence;
+* no request got a 5xx other than the documented 503.
+
+The schedule of faults and operations comes from the seed; timing on a shared
+machine does not, so two runs of one seed inject the same faults in the same
+order, not at the same instants. Prints a summary table; exits 1 on any anomaly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cluster import LocalCluster
+
+FOLLOWERS = 3
+WRITE_QUORUM = 2
+KEYS = [f"key-{i}" for i in range(12)]
+
+
+@dataclass
+class Operation:
+    kind: str  # "write" or "delete"
+    key: str
+    value: object
+    w: int
+    started: float
+    finished: float = 0.0
+    status: int | None = None  # None: no answer (the leader was down)
+    version: int | None = None
+    confirmers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: str
+    at: float
+
+
+@dataclass
+class History:
+    operations: list[Operation] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    wipes: dict[str, list[float]] = field(default_factory=dict)  # node url -> times wiped
+
+
+async def client_loop(
+    client: httpx.AsyncClient, leader: str, rng: random.Random, history: History, until: float
+) -> None:
+    counter = 0
+    while time.monotonic() < until:
+        counter += 1
+        key = rng.choice(KEYS)
+        w = rng.choice([0, 1, 2, 2, 3])
+        delete = rng.random() < 0.2
+        op = Operation("delete" if delete else "write", key, None if delete else counter, w,
+                       time.monotonic())  # fmt: skip
+        history.operations.append(op)
+        try:
+            if delete:
+                response = await client.delete(
+                    f"{leader}/keys/{quote(key, safe='')}?w={w}&timeout_ms=1000"
+                )
+            else:
+                response = await client.post(
+                    f"{leader}/keys?w={w}&timeout_ms=1000", json={"key": key, "value": counter}
+                )
+        except httpx.HTTPError:
+            op.finished = time.monotonic()
+            await asyncio.sleep(0.05)  # the leader is down or restarting
+            continue
+        op.finished = time.monotonic()
+        op.status = response.status_code
+        if response.status_code in (200, 503) and response.headers.get(
+            "content-type", ""
+        ).startswith("application/json"):
+            body = response.json()
+            op.version = body.get("version")
+            op.confirmers = [d["follower"] for d in body.get("replication", []) if d.get("ok")]
+
+
+def inject(cluster: LocalCluster, rng: random.Random, history: History, started: float) -> None:
+    """One fault, drawn from `rng`, run to completion (restarts wait for readiness)."""
+    kind = rng.choice(
+        ["kill-leader", "wipe-leader", "kill-follower", "wipe-follower", "freeze-follower"]
+    )
+    index = rng.randrange(FOLLOWERS)
+    follower = cluster.follower_urls[index]
+    now = time.monotonic() - started
+    if kind in ("kill-leader", "wipe-leader"):
+        history.faults.append(Fault(kind, "leader", now))
+        cluster.kill_leader()
+        time.sleep(rng.uniform(0.1, 1.0))
+        if kind == "wipe-leader":
+            history.wipes.setdefault(cluster.leader_url, []).append(time.monotonic())
+        cluster.restart_leader(fresh=kind == "wipe-leader", timeout=60)
+    elif kind in ("kill-follower", "wipe-follower"):
+        history.faults.append(Fault(kind, follower, now))
+        cluster.kill_follower(index)
+        time.sleep(rng.uniform(0.1, 1.5))
+        if kind == "wipe-follower":
+            history.wipes.setdefault(follower, []).append(time.monotonic())
+        cluster.restart_follower(index, fresh=kind == "wipe-follower")
+    else:
+        history.faults.append(Fault(kind, follower, now))
+        cluster.pause_follower(index)
+        time.sleep(rng.uniform(0.2, 2.5))
+        cluster.resume_follower(index)
+
+
+async def run(seconds: float, seed: int, workdir: Path, clients: int = 4) -> tuple[History, dict]:
+    rng = random.Random(seed)
+    history = History()
+    cluster = LocalCluster(
+        followers=FOLLOWERS,
+        quorum=WRITE_QUORUM,
+        min_delay_ms=0,
+        max_delay_ms=40,
+        base_port=0,
+        log_dir=workdir / "logs",
+        data_dir=workdir / "data",
+        extra_env={"LOG_LEVEL": "WARNING"},
+    )
+    with cluster:
+        started = time.monotonic()
+        until = started + seconds
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+            client_rngs = [random.Random(rng.random()) for _ in range(clients)]
+            loops = [
+                asyncio.create_task(client_loop(client, cluster.leader_url, r, history, until))
+                for r in client_rngs
+            ]
+            fault_rng = random.Random(rng.random())
+            while time.monotonic() < until - 1:
+                await asyncio.sleep(fault_rng.uniform(0.5, 2.0))
+                if time.monotonic() < until - 1:
+                    await asyncio.to_thread(inject, cluster, fault_rng, history, started)
+            await asyncio.gather(*loops)
+            await asyncio.to_thread(heal, cluster)
+            final = await quiesce(client, cluster)
+    return history, final
+
+
+def heal(cluster: LocalCluster) -> None:
+    for index in range(FOLLOWERS):
+        cluster.resume_follower(index)
+    cluster.ensure_running()
+
+
+async def quiesce(client: httpx.AsyncClient, cluster: LocalCluster, timeout: float = 30) -> dict:
+    """Wait until every replica equals the leader; return the states and how long it took."""
+    urls = [cluster.leader_url, *cluster.follower_urls]
+    started = time.monotonic()
+    while True:
+        states = [(await client.get(f"{url}/state")).json() for url in urls]
+        want = (states[0]["store"], states[0]["versions"])
+        equal = all((s["store"], s["versions"]) == want for s in states[1:])
+        if equal or time.monotonic() - started > timeout:
+            return {"states": states, "converged": equal, "seconds": time.monotonic() - started}
+        await asyncio.sleep(0.1)
+
+
+def check(history: History, final: dict) -> tuple[list[str], int]:
+    """The anomalies found over the whole history, and how many acknowledged writes were checked."""
+    anomalies: list[str] = []
+    by_version: dict[int, tuple[str, object, str]] = {}
+    for op in history.operations:
+        if op.status is not None and op.status >= 500 and op.status != 503:
+            anomalies.append(f"{op.kind} {op.key}: HTTP {op.status}")
+        if op.version is None:
+            continue
+        write = (op.key, op.value, op.kind)
+        seen = by_version.setdefault(op.version, write)
+        if seen != write:
+            anomalies.append(f"version {op.version} given to {seen} and to {write}")
+    if not final["converged"]:
+        anomalies.append(f"replicas differ after {final['seconds']:.0f} s of quiescence")
+    versions = final["states"][0]["versions"]
+    store = final["states"][0]["store"]
+    checked = 0
+    for op in history.operations:
+        if op.status != 200 or op.w < 1 or op.version is None:
+            continue
+        kept = [
+            f for f in op.confirmers if not any(t > op.started for t in history.wipes.get(f, []))
+        ]
+        if not kept:
+            continue  # every follower that confirmed it lost its memory since
+        checked += 1
+        held = versions.get(op.key)
+        if op.kind == "write" and (held is None or held < op.version):
+            # Absent with a newer deletion is fine: look for one in the history.
+            deleted_later = any(
+                o.kind == "delete" and o.key == op.key and o.version and o.version > op.version
+                for o in history.operations
+            )
+            if not (held is None and deleted_later):
+                anomalies.append(f"acknowledged write lost: {op.key}@{op.version} (holds {held})")
+        if op.kind == "delete" and op.key in store and versions[op.key] < op.version:
+            anomalies.append(f"deleted key returned: {op.key} (deleted at {op.version})")
+    return anomalies, checked
+
+
+def summary(history: History, final: dict, anomalies: list[str], checked: int, seed: int,
+            seconds: float) -> str:  # fmt: skip
+    outcomes = Counter(
+        f"{op.kind} {'no answer' if op.status is None else op.status}" for op in history.operations
+    )
+    faults = Counter(f.kind for f in history.faults)
+    lines = [
+        f"nemesis: seed {seed}, {seconds:g} s, {FOLLOWERS} followers, WRITE_QUORUM {WRITE_QUORUM}",
+        "",
+        f"{'operations':<28}{len(history.operations):>8}",
+        *(f"  {name:<26}{count:>8}" for name, count in sorted(outcomes.items())),
+        f"{'faults injected':<28}{len(history.faults):>8}",
+        *(f"  {name:<26}{count:>8}" for name, count in sorted(faults.items())),
+        f"{'acknowledged writes checked':<28}{checked:>8}",
+        f"{'converged after healing':<28}{final['seconds']:>7.2f}s",
+        f"{'anomalies':<28}{len(anomalies):>8}",
+        *(f"  {anomaly}" for anomaly in anomalies[:20]),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60, help="how long to inject faults")
+    parser.add_argument("--seed", type=int, default=None, help="replay a schedule (default random)")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients (4)")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
+    print(f"seed {seed}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="kv-nemesis-") as scratch:
+        history, final = asyncio.run(run(args.seconds, seed, Path(scratch), args.clients))
+    anomalies, checked = check(history, final)
+    print(summary(history, final, anomalies, checked, seed, args.seconds))
+    return 1 if anomalies else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
