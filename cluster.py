@@ -74,7 +74,11 @@ def wait_healthy(
                 if process.poll() is not None:
                     raise RuntimeError(f"{process.args!r} exited with code {process.returncode}")
             try:
-                if client.get(f"{waiting[0]}{path}").status_code == 200:
+                status = client.get(f"{waiting[0]}{path}").status_code
+                if status == 404 and path != "/health":
+                    # An older node without this endpoint (a benchmark's baseline): liveness.
+                    status = client.get(f"{waiting[0]}/health").status_code
+                if status == 200:
                     waiting.pop(0)
                     continue
             except httpx.HTTPError:
@@ -198,6 +202,8 @@ class LocalCluster:
     log_dir: Path | None = None
     # Each node keeps its log in a folder of its own under here; None: memory only.
     data_dir: Path | None = None
+    # The checkout whose leader.py and follower.py run (benchmarks compare two).
+    root: Path = ROOT
     nodes: list[Node] = field(default_factory=list, init=False)
 
     def _ports(self) -> list[int]:
@@ -223,6 +229,7 @@ class LocalCluster:
                 port,
                 {**common, "LEADER_URL": leader_url, **self._data(f"follower{i + 1}")},
                 self._log("follower", i + 1),
+                cwd=self.root,
             )
             for i, port in enumerate(follower_ports)
         ]
@@ -238,7 +245,7 @@ class LocalCluster:
         if self.timeout_ms is not None:
             leader_env["REPLICATION_TIMEOUT_MS"] = f"{self.timeout_ms:g}"
         self.nodes = [
-            Node("leader", leader_port, leader_env, self._log("leader", 0)),
+            Node("leader", leader_port, leader_env, self._log("leader", 0), cwd=self.root),
             *followers,
         ]
         try:

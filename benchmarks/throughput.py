@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                 # 3 rounds x (ceiling, W=1, W=3, W=5), 10 s each
     python benchmarks/throughput.py --rounds 1 --duration 5
     python benchmarks/throughput.py --profile       # also py-spy's top entries in the leader
+    python benchmarks/throughput.py --baseline HEAD~3   # and that commit's code, side by side
 
 It starts a local cluster (5 followers, zero simulated delay, access logs off,
 uvloop and httptools) and a bare FastAPI POST endpoint under the same uvicorn
@@ -10,8 +11,11 @@ settings, then drives each with wrk (Debian's `wrk` package) and `write.lua`:
 one wrk thread, --connections keep-alive connections. Rounds interleave the
 targets, so a noisy neighbour hits them all alike, and the table reports the
 median over rounds. wrk's own CPU use is reported, to show the load generator is
-not the bottleneck. Sequential latency (one write at a time on one connection)
-comes from the lean client in loadgen.py. Numbers are printed, never asserted.
+not the bottleneck. With --baseline REF, the code at that git ref (checked out in
+a temporary worktree) runs as a second cluster in the same rounds, so a change is
+measured against what it changed under the same noise. Sequential latency (one
+write at a time on one connection) comes from the lean client in loadgen.py.
+Numbers are printed, never asserted.
 """
 
 import argparse
@@ -24,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,34 +133,37 @@ def main() -> int:
     parser.add_argument("--quorums", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--sequential-writes", type=int, default=2000)
     parser.add_argument("--profile", action="store_true", help="print the leader's top entries")
+    parser.add_argument(
+        "--baseline", metavar="REF", help="also run this git ref's code, side by side"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk (Debian's package)", file=sys.stderr)
         return 2
 
     quiet = {"LOG_LEVEL": "WARNING"}
-    with tempfile.TemporaryDirectory(prefix="kv-bench-") as logs:
-        cluster = LocalCluster(
-            followers=5,
-            min_delay_ms=0,
-            max_delay_ms=0,
-            base_port=0,
-            extra_env=quiet,
-            log_dir=Path(logs),
-        )
+    with tempfile.TemporaryDirectory(prefix="kv-bench-") as logs, baseline(args.baseline) as base:
+        clusters = {"": cluster_at(HERE.parent, Path(logs) / "new", quiet)}
+        if base is not None:
+            clusters["base "] = cluster_at(base, Path(logs) / "base", quiet)
         bare = Node("bare_fastapi", free_port(), quiet, Path(logs) / "bare.log", cwd=HERE)
         bare.start()
         try:
-            cluster.start()
+            for cluster in clusters.values():
+                cluster.start()
             wait_healthy([f"http://{HOST}:{bare.port}"], 30)
-            targets = {"ceiling": f"http://{HOST}:{bare.port}/keys"} | {
-                f"W={w}": f"{cluster.leader_url}/keys?w={w}" for w in args.quorums
-            }
+            targets = {"ceiling": f"http://{HOST}:{bare.port}/keys"}
+            for label, cluster in clusters.items():
+                targets |= {
+                    f"{label}W={w}": f"{cluster.leader_url}/keys?w={w}" for w in args.quorums
+                }
             print(
                 f"5 followers, zero delay; wrk -t1 -c{args.connections}, {args.duration:g} s per "
-                f"run, {args.rounds} round(s)\n"
+                f"run, {args.rounds} round(s)"
+                + (f"; 'base' rows run {args.baseline}" if base is not None else "")
+                + "\n"
             )
-            print(f"{'round':>5} {'target':>8} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+            print(f"{'round':>5} {'target':>10} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
                   f"{'errors':>6} {'wrk cpu':>7}")  # fmt: skip
             results: dict[str, list[LoadResult]] = {name: [] for name in targets}
             for round_ in range(1, args.rounds + 1):
@@ -163,42 +172,88 @@ def main() -> int:
                     result = run_wrk(url, args.duration, args.connections)
                     results[name].append(result)
                     print(
-                        f"{round_:>5} {name:>8} {result.writes_per_s:>9.0f} {result.p50_ms:>7.2f} "
-                        f"{result.p99_ms:>7.2f} {result.errors:>6} {100 * result.wrk_cpu:>6.0f}%",
+                        f"{round_:>5} {name:>10} {result.writes_per_s:>9.0f} "
+                        f"{result.p50_ms:>7.2f} {result.p99_ms:>7.2f} {result.errors:>6} "
+                        f"{100 * result.wrk_cpu:>6.0f}%",
                         flush=True,
                     )
-            seq = {w: asyncio.run(sequential(cluster.leader_url, w, args.sequential_writes))
-                   for w in args.quorums}  # fmt: skip
-            report(results, seq, args.quorums)
+            seq = {
+                f"{label}W={w}": asyncio.run(sequential(c.leader_url, w, args.sequential_writes))
+                for label, c in clusters.items()
+                for w in args.quorums
+            }
+            report(results, seq, [name for name in targets if name != "ceiling"])
+            if base is not None:
+                print("\nthis code against the baseline (median writes/s, ratio):")
+                for w in args.quorums:
+                    new = statistics.median(r.writes_per_s for r in results[f"W={w}"])
+                    old = statistics.median(r.writes_per_s for r in results[f"base W={w}"])
+                    print(f"  W={w}: {new:,.0f} against {old:,.0f}: {new / old:.2f}")
             if args.profile:
-                profile_leader(cluster, args.duration, args.connections, top=5)
+                profile_leader(clusters[""], args.duration, args.connections, top=5)
         finally:
-            cluster.stop()
+            for cluster in clusters.values():
+                cluster.stop()
             bare.stop()
     return 0
 
 
+def cluster_at(root: Path, logs: Path, env: dict[str, str]) -> LocalCluster:
+    return LocalCluster(
+        followers=5,
+        min_delay_ms=0,
+        max_delay_ms=0,
+        base_port=0,
+        extra_env=env,
+        log_dir=logs,
+        root=root,
+    )
+
+
+@contextmanager
+def baseline(ref: str | None) -> Iterator[Path | None]:
+    """A temporary git worktree at `ref`, removed afterwards; None without a ref."""
+    if ref is None:
+        yield None
+        return
+    repo = HERE.parent
+    with tempfile.TemporaryDirectory(prefix="kv-baseline-") as scratch:
+        tree = Path(scratch) / "tree"
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), ref],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            yield tree
+        finally:
+            subprocess.run(
+                ["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
+                capture_output=True,
+            )
+
+
 def report(
-    results: dict[str, list[LoadResult]], seq: dict[int, tuple[float, float]], quorums: list[int]
+    results: dict[str, list[LoadResult]], seq: dict[str, tuple[float, float]], names: list[str]
 ) -> None:
     def med(name: str, field: str) -> float:
         return statistics.median(getattr(r, field) for r in results[name])
 
     ceiling = med("ceiling", "writes_per_s")
     print(f"\nmedian of {len(results['ceiling'])} round(s):")
-    print(f"{'':>8} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+    print(f"{'':>10} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
           f"{'seq p50':>8} {'seq p99':>8} {'of ceiling':>10}")  # fmt: skip
     ceiling_errors = sum(r.errors for r in results["ceiling"])
-    print(f"{'ceiling':>8} {ceiling:>9.0f} {med('ceiling', 'p50_ms'):>7.2f} "
+    print(f"{'ceiling':>10} {ceiling:>9.0f} {med('ceiling', 'p50_ms'):>7.2f} "
           f"{med('ceiling', 'p99_ms'):>7.2f} {ceiling_errors:>6}")  # fmt: skip
-    for w in quorums:
-        name = f"W={w}"
+    for name in names:
         print(
-            f"{name:>8} {med(name, 'writes_per_s'):>9.0f} {med(name, 'p50_ms'):>7.2f} "
+            f"{name:>10} {med(name, 'writes_per_s'):>9.0f} {med(name, 'p50_ms'):>7.2f} "
             f"{med(name, 'p99_ms'):>7.2f} {sum(r.errors for r in results[name]):>6} "
-            f"{seq[w][0]:>8.2f} {seq[w][1]:>8.2f} {med(name, 'writes_per_s') / ceiling:>10.0%}"
+            f"{seq[name][0]:>8.2f} {seq[name][1]:>8.2f} "
+            f"{med(name, 'writes_per_s') / ceiling:>10.0%}"
         )
-    if 1 in quorums and 5 in quorums:
+    if "W=1" in results and "W=5" in results:
         ratio = med("W=5", "writes_per_s") / med("W=1", "writes_per_s")
         print(f"\nW=5 / W=1 throughput: {ratio:.2f}")
     cpu = max(r.wrk_cpu for rs in results.values() for r in rs)
