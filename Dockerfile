@@ -28,7 +28,9 @@ RUN set -eu; \
     rm -rf /tmp/build
 
 WORKDIR /app
-COPY *.py ./
+# Only the service: the two apps and the package (see .dockerignore).
+COPY leader.py follower.py ./
+COPY kv/ ./kv/
 
 # DATA_DIR lives here: a named volume mounted on it starts owned by the service's uid.
 RUN mkdir /data && chown 10001:10001 /data

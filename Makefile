@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 ## run: start a local cluster (leader on 8000, five followers on 8001-8005)
 run: $(STAMP)
-	$(PY) cluster.py $(ARGS)
+	$(PY) tools/cluster.py $(ARGS)
 
 ## test: the whole suite: unit tests, then the integration suite against a local cluster
 test: $(STAMP)

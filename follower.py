@@ -14,11 +14,15 @@ from typing import Annotated, Any
 from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 
-from api import KeyPath, RejectLargeBodies, install_error_handlers, read_router
-from auth import SECRET_HEADER, RequireSecret
-from durability import Storage
-from follower_core import FollowerCore, Refused
-from schemas import (
+from kv.core.records import Entry
+from kv.follower.node import FollowerCore, Refused
+from kv.settings import FollowerSettings, configure_logging, load_settings
+from kv.storage.log import Storage
+from kv.web.auth import SECRET_HEADER, RequireSecret
+from kv.web.errors import install_error_handlers
+from kv.web.limits import RejectLargeBodies
+from kv.web.reads import KeyPath, read_router
+from kv.web.schemas import (
     ErrorResponse,
     FollowerConfig,
     FollowerEntries,
@@ -30,8 +34,6 @@ from schemas import (
     ReplicateResponse,
     TermConflict,
 )
-from settings import FollowerSettings, configure_logging, load_settings
-from store import Entry
 
 PAGE_LIMIT_DEFAULT = 10_000
 PAGE_LIMIT_MAX = 100_000

@@ -27,18 +27,14 @@ from typing import Annotated, Any
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse, Response
 
-from api import (
-    NOT_FOUND,
-    KeyPath,
-    RejectLargeBodies,
-    install_error_handlers,
-    key_not_found,
-    read_router,
-    value_too_large,
-)
-from leader_node import ClientFactory, LeaderNode
-from replicator import OVERFLOWED, Delivery, QuorumOutcome
-from schemas import (
+from kv.core.records import Entry, encode_json
+from kv.leader.service import ClientFactory, LeaderNode
+from kv.network.delivery import OVERFLOWED, Delivery, QuorumOutcome
+from kv.settings import LeaderSettings, configure_logging, load_settings
+from kv.web.errors import install_error_handlers, key_not_found, value_too_large
+from kv.web.limits import RejectLargeBodies
+from kv.web.reads import NOT_FOUND, KeyPath, read_router
+from kv.web.schemas import (
     DeliveryReport,
     ErrorResponse,
     FollowerStatus,
@@ -51,8 +47,6 @@ from schemas import (
     WriteRequest,
     WriteResponse,
 )
-from settings import LeaderSettings, configure_logging, load_settings
-from store import Entry, encode_json
 
 log = logging.getLogger("kvstore.leader")
 

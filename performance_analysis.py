@@ -35,9 +35,9 @@ from typing import Any
 
 import httpx
 
-from cluster import LocalCluster, wait_healthy
-from loadgen import ConnectionPool
-from replication import DelayModel
+from kv.core.outbox import DelayModel
+from tools.cluster import LocalCluster, wait_healthy
+from tools.loadgen import ConnectionPool
 
 # The lab's settings, for the cluster this script starts when none is running.
 LAB_FOLLOWERS, LAB_MIN_DELAY_MS, LAB_MAX_DELAY_MS = 5, 0.0, 1000.0

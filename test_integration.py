@@ -33,8 +33,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from cluster import ClusterControl, ComposeCluster, LocalCluster, wait_healthy
-from loadgen import ConnectionPool
+from tools.cluster import ClusterControl, ComposeCluster, LocalCluster, wait_healthy
+from tools.loadgen import ConnectionPool
 
 SECRET_HEADER = "X-Replication-Secret"
 Check = Callable[[], Awaitable[bool]]

@@ -82,7 +82,7 @@ log "building the image with no network"
 "$DOCKER" image ls replicated-kv:latest --format 'image replicated-kv:latest is {{.Size}}'
 
 read -r LEADER_PORT FOLLOWER1_PORT FOLLOWER2_PORT FOLLOWER3_PORT FOLLOWER4_PORT FOLLOWER5_PORT \
-  < <("$PYTHON" -c 'from cluster import free_port; print(*(free_port() for _ in range(6)))')
+  < <("$PYTHON" -c 'from tools.cluster import free_port; print(*(free_port() for _ in range(6)))')
 export LEADER_PORT FOLLOWER1_PORT FOLLOWER2_PORT FOLLOWER3_PORT FOLLOWER4_PORT FOLLOWER5_PORT
 export BASE=kv-ci-base:bookworm
 export REPLICATION_SECRET="ci-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
@@ -95,7 +95,7 @@ followers=""
 for port in $FOLLOWER1_PORT $FOLLOWER2_PORT $FOLLOWER3_PORT $FOLLOWER4_PORT $FOLLOWER5_PORT; do
   followers="${followers:+$followers,}http://127.0.0.1:$port"
 done
-"$PYTHON" -c "from cluster import wait_healthy; wait_healthy(['http://127.0.0.1:$LEADER_PORT'], 120, path='/ready')"
+"$PYTHON" -c "from tools.cluster import wait_healthy; wait_healthy(['http://127.0.0.1:$LEADER_PORT'], 120, path='/ready')"
 
 log "running test_integration.py against the containers"
 KV_LEADER_URL="http://127.0.0.1:$LEADER_PORT" KV_FOLLOWER_URLS="$followers" \

@@ -23,8 +23,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster import LocalCluster, wait_healthy_nodes  # the repository root is on the path
-from settings import DEVELOPMENT_SECRET
+from kv.settings import DEVELOPMENT_SECRET
+from tools.cluster import LocalCluster, wait_healthy_nodes  # the repository root is on the path
 
 BATCH = 20_000
 MIB = 1024 * 1024

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster import LocalCluster
-from loadgen import ConnectionPool
+from tools.cluster import LocalCluster
+from tools.loadgen import ConnectionPool
 
 
 def percentile(samples: list[float], p: float) -> float:

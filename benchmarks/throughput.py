@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from sequential import measure, percentile  # noqa: E402  (beside this script)
 
-from cluster import HOST, LocalCluster, Node, free_port, wait_healthy  # noqa: E402
+from tools.cluster import HOST, LocalCluster, Node, free_port, wait_healthy  # noqa: E402
 
 
 @dataclass

@@ -16,8 +16,8 @@ from fastapi import FastAPI
 
 import follower
 import leader
-from auth import SECRET_HEADER
-from settings import DEVELOPMENT_SECRET, FollowerSettings, LeaderSettings
+from kv.settings import DEVELOPMENT_SECRET, FollowerSettings, LeaderSettings
+from kv.web.auth import SECRET_HEADER
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 

@@ -7,9 +7,9 @@ from urllib.parse import quote
 import pytest
 from conftest import ControlledTransport, InProcessCluster, eventually, in_process_cluster
 
-from auth import SECRET_HEADER
-from schemas import WriteResponse
-from settings import DEVELOPMENT_SECRET
+from kv.settings import DEVELOPMENT_SECRET
+from kv.web.auth import SECRET_HEADER
+from kv.web.schemas import WriteResponse
 
 ODD_KEYS = ["with space", "ünïcødé ключ", "a/b/c", "what?", "100%", "#hash", "%2F", " lead", "..."]
 

@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from durability import (
-    SNAPSHOT,
-    CorruptLogError,
-    DurableLog,
-    FsyncPolicy,
-    decode_record,
-    encode_record,
-)
-from store import Entry, VersionedStore
+from kv.core.records import Entry
+from kv.core.store import VersionedStore
+from kv.settings import FsyncPolicy
+from kv.storage.log import SNAPSHOT, CorruptLogError, DurableLog, decode_record, encode_record
 
 
 def counting_fsync(monkeypatch: pytest.MonkeyPatch) -> list[int]:

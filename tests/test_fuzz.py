@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import LocalCluster
+from tools.cluster import LocalCluster
 
 HERE = Path(__file__).resolve().parent
 SECRET = "fuzz-secret"

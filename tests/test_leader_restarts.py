@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster import LocalCluster
-from settings import DEVELOPMENT_SECRET
-from store import first_version, term_of
+from kv.core.records import first_version, term_of
+from kv.settings import DEVELOPMENT_SECRET
+from tools.cluster import LocalCluster
 
 SECRET = {"X-Replication-Secret": DEVELOPMENT_SECRET}
 

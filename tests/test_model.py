@@ -32,12 +32,13 @@ from hypothesis.stateful import (
     rule,
 )
 
-from follower_core import FollowerCore, Refused
-from leader_core import LeaderCore
-from progress import Confirmation, FollowerProgress
-from replication import Shipment
-from settings import default_startup_quorum
-from store import Entry, VersionedStore, fingerprint
+from kv.core.outbox import Shipment
+from kv.core.progress import Confirmation, FollowerProgress
+from kv.core.records import Entry
+from kv.core.store import VersionedStore, fingerprint
+from kv.follower.node import FollowerCore, Refused
+from kv.leader.node import LeaderCore
+from kv.settings import default_startup_quorum
 
 N = 3
 KEYS = ["a", "b", "c"]

@@ -6,14 +6,11 @@ KV_NEMESIS_SECONDS and KV_NEMESIS_SEED change this run's length and schedule.
 
 import asyncio
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-from nemesis import check, run, summary  # tools/ is on the path above
+from tools.nemesis import check, run, summary
 
 SECONDS = float(os.environ.get("KV_NEMESIS_SECONDS", "50"))
 SEED = int(os.environ.get("KV_NEMESIS_SEED", "20261122"))

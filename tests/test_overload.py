@@ -20,8 +20,8 @@ import httpx
 import pytest
 from conftest import rss_bytes
 
-from cluster import LocalCluster
-from loadgen import ConnectionPool
+from tools.cluster import LocalCluster
+from tools.loadgen import ConnectionPool
 
 SECONDS = float(os.environ.get("KV_OVERLOAD_SECONDS", "60"))
 QUEUE_CAP = 2000

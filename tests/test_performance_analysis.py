@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import performance_analysis as pa
-from cluster import LocalCluster, free_port
-from replication import DelayModel
+from kv.core.outbox import DelayModel
+from tools.cluster import LocalCluster, free_port
 
 
 def result(quorum: int, latency_ms: float, delays: list[float], status: int = 200):

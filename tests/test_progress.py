@@ -1,8 +1,9 @@
 """FollowerProgress as a state machine: heartbeats, pulls, failures, restarts, fencing, the cap."""
 
-from progress import Confirmation, FollowerProgress
-from replication import FollowerState, Shipment
-from store import Entry, VersionedStore
+from kv.core.outbox import Shipment
+from kv.core.progress import Confirmation, FollowerProgress, FollowerState
+from kv.core.records import Entry
+from kv.core.store import VersionedStore
 
 
 def shipment(version: int, at: float = 0.0, delay: float = 0.0) -> Shipment:

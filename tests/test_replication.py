@@ -5,15 +5,8 @@ import random
 
 import pytest
 
-from replication import (
-    DelayModel,
-    Outbox,
-    Shipment,
-    encode_batch,
-    quorum_reached,
-    retry_backoff,
-)
-from store import Entry
+from kv.core.outbox import DelayModel, Outbox, Shipment, encode_batch, quorum_reached, retry_backoff
+from kv.core.records import Entry
 
 
 def shipment(version: int, ready_at: float, key: str = "k", value: object = 0) -> Shipment:

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from conftest import rss_bytes
 
-from cluster import LocalCluster
+from tools.cluster import LocalCluster
 
 SECRET = "s3cret-" + "q" * 24
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from settings import FollowerSettings, LeaderSettings, describe_errors
+from kv.settings import FollowerSettings, LeaderSettings, describe_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO = "http://127.0.0.1:9001,127.0.0.1:9002"

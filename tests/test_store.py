@@ -2,7 +2,8 @@
 
 import json
 
-from store import Entry, VersionedStore
+from kv.core.records import Entry
+from kv.core.store import VersionedStore
 
 
 def test_leader_versions_strictly_increase_across_keys_and_deletes():

@@ -2,16 +2,10 @@
 
 import pytest
 
-from settings import LeaderSettings, default_startup_quorum
-from startup import StartupMerge, TermFence, merge_entries
-from store import (
-    TERM_STRIDE,
-    Entry,
-    TermExhaustedError,
-    VersionedStore,
-    first_version,
-    term_of,
-)
+from kv.core.records import TERM_STRIDE, Entry, TermExhaustedError, first_version, term_of
+from kv.core.startup import StartupMerge, TermFence, merge_entries
+from kv.core.store import VersionedStore
+from kv.settings import LeaderSettings, default_startup_quorum
 
 
 def test_versions_carry_their_term_and_order_by_term_first():

@@ -8,10 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from auth import SECRET_HEADER
-from cluster import Node, free_port, wait_healthy
-from settings import DEVELOPMENT_SECRET
-from transport import KeepAliveTransport
+from kv.network.transport import KeepAliveTransport
+from kv.settings import DEVELOPMENT_SECRET
+from kv.web.auth import SECRET_HEADER
+from tools.cluster import Node, free_port, wait_healthy
 
 BATCH = b'{"entries":[{"key":"k","value":1,"version":1,"deleted":false}]}'
 

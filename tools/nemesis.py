@@ -40,7 +40,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster import LocalCluster
+from tools.cluster import LocalCluster
 
 FOLLOWERS = 3
 WRITE_QUORUM = 2

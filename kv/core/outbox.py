@@ -16,23 +16,9 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-from store import Entry
-
-
-class FollowerState(StrEnum):
-    """What the leader knows of a follower, from its last delivery attempts."""
-
-    UP = "up"
-    """The last delivery succeeded and nothing is waiting that is ready to ship."""
-    LAGGING = "lagging"
-    """The last delivery succeeded but ready entries are waiting to ship."""
-    DOWN = "down"
-    """The last delivery failed; the outbox is retried after a backoff."""
-    RESYNCING = "resyncing"
-    """A snapshot of the whole store is on its way, after a restart or a dropped backlog."""
+from kv.core.records import Entry
 
 
 def quorum_reached(acks: int, required: int) -> bool:

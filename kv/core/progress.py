@@ -24,9 +24,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
-from replication import FollowerState, Outbox, Shipment, retry_backoff
-from store import Entry
+from kv.core.outbox import Outbox, Shipment, retry_backoff
+from kv.core.records import Entry
+
+
+class FollowerState(StrEnum):
+    """What the leader knows of a follower, from its last delivery attempts."""
+
+    UP = "up"
+    """The last delivery succeeded and nothing is waiting that is ready to ship."""
+    LAGGING = "lagging"
+    """The last delivery succeeded but ready entries are waiting to ship."""
+    DOWN = "down"
+    """The last delivery failed; the outbox is retried after a backoff."""
+    RESYNCING = "resyncing"
+    """A snapshot of the whole store is on its way, after a restart or a dropped backlog."""
+
 
 HEARTBEAT_S = 0.5
 """An idle follower is contacted this often, so a restart or recovery is seen quickly."""

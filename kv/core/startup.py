@@ -27,7 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from store import Entry, VersionedStore, fingerprint, term_of
+from kv.core.records import Entry, term_of
+from kv.core.store import VersionedStore, fingerprint
 
 
 @dataclass

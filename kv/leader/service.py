@@ -16,13 +16,13 @@ from collections.abc import Callable
 
 import httpx
 
-from durability import Storage
-from leader_core import LeaderCore
-from progress import FollowerProgress
-from replication import DelayModel
-from replicator import Delivery, FollowerLink, Replicator, follower_client
-from settings import LeaderSettings
-from store import Entry
+from kv.core.outbox import DelayModel
+from kv.core.progress import FollowerProgress
+from kv.core.records import Entry
+from kv.leader.node import LeaderCore
+from kv.network.delivery import Delivery, FollowerLink, Replicator, follower_client
+from kv.settings import LeaderSettings
+from kv.storage.log import Storage
 
 log = logging.getLogger("kvstore.leader")
 

@@ -14,8 +14,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from startup import StartupMerge, merge_entries
-from store import Entry, TermExhaustedError, VersionedStore, term_of
+from kv.core.records import Entry, TermExhaustedError, term_of
+from kv.core.startup import StartupMerge, merge_entries
+from kv.core.store import VersionedStore
 
 log = logging.getLogger("kvstore.leader")
 

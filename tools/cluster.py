@@ -1,9 +1,9 @@
 """Start a whole local cluster (a leader and N followers) as uvicorn processes.
 
-    python cluster.py                       # leader on 8000, followers on 8001-8005
-    python cluster.py --followers 3 --quorum 2 --max-delay-ms 200 --base-port 9000
-    python cluster.py --base-port 0         # free ports, printed at start-up
-    python cluster.py --memory              # no DATA_DIR (default: each node's log in .data/)
+    python tools/cluster.py                       # leader on 8000, followers on 8001-8005
+    python tools/cluster.py --followers 3 --quorum 2 --max-delay-ms 200 --base-port 9000
+    python tools/cluster.py --base-port 0         # free ports, printed at start-up
+    python tools/cluster.py --memory              # no DATA_DIR (default: each node's log in .data/)
 
 Ctrl-C stops every process. The same :class:`LocalCluster` is what the tests and
 scripts use when no running cluster is given, and it doubles as their fault
@@ -30,7 +30,7 @@ from typing import Protocol
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 HOST = "127.0.0.1"
 
 

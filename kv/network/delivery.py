@@ -21,19 +21,13 @@ from typing import Protocol
 
 import httpx
 
-from auth import SECRET_HEADER
-from progress import Confirmation, FollowerProgress
-from replication import (
-    DelayModel,
-    FollowerState,
-    Shipment,
-    encode_batch,
-    quorum_reached,
-    retry_backoff,
-)
-from startup import StartupMerge
-from store import Entry, fingerprint
-from transport import KeepAliveTransport
+from kv.core.outbox import DelayModel, Shipment, encode_batch, quorum_reached, retry_backoff
+from kv.core.progress import Confirmation, FollowerProgress, FollowerState
+from kv.core.records import Entry
+from kv.core.startup import StartupMerge
+from kv.core.store import fingerprint
+from kv.network.transport import KeepAliveTransport
+from kv.web.auth import SECRET_HEADER
 
 log = logging.getLogger("kvstore.replication")
 

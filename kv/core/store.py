@@ -12,96 +12,17 @@ tested with plain asserts:
   write that was overtaken by the deletion cannot resurrect the key when it
   arrives late.
 
-**Terms.** Every leader start begins a new term, and a version carries its term
-in its high digits: ``version = (term - 1) * TERM_STRIDE + n``. Comparing two
-versions as integers therefore compares them by (term, n), and a leader that
-only ever assigns inside its own term can never assign a version that an
-earlier leader assigned. The first leader of a fresh cluster is term 1, so its
-versions are simply 1, 2, 3...
+Versions, terms and the entry itself are in :mod:`kv.core.records`.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-TERM_STRIDE = 1_000_000_000
-"""Versions per term. Term t owns versions (t-1)*TERM_STRIDE+1 .. t*TERM_STRIDE, so
-versions stay below 2**53 (exact in JavaScript) for nine million terms."""
-
-
-def term_of(version: int) -> int:
-    """The term that assigned `version`; 0 for "no version"."""
-    return 0 if version <= 0 else (version - 1) // TERM_STRIDE + 1
-
-
-def first_version(term: int) -> int:
-    return (term - 1) * TERM_STRIDE + 1
-
-
-class TermExhaustedError(RuntimeError):
-    """The current term has no versions left (or a newer term was seen): start a new term."""
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One versioned write or deletion, as held in a store and shipped to followers."""
-
-    key: str
-    value: Any
-    version: int
-    deleted: bool = False
-    # The entry encoded once as JSON, so that fanning it out to every follower
-    # does not serialise it once per follower.
-    encoded: bytes = field(default=b"", compare=False, repr=False)
-
-    @classmethod
-    def create(
-        cls,
-        key: str,
-        value: Any,
-        version: int,
-        deleted: bool = False,
-        value_json: str | None = None,
-    ) -> Entry:
-        """Build an entry; pass `value_json` when the value has been encoded already."""
-        if value_json is None:
-            value_json = encode_json(value)
-        return cls(
-            key,
-            value,
-            version,
-            deleted,
-            encode_entry(key, value_json, version, deleted),
-        )
-
-    @classmethod
-    def from_wire(cls, key: str, value: Any, version: int, deleted: bool) -> Entry:
-        """An entry received from another node (JSON already decoded)."""
-        return cls.create(key, value, version, deleted)
-
-    def same_write(self, other: Entry) -> bool:
-        """Whether `other` is this very write: same key, version and content."""
-        return (
-            self.version == other.version
-            and self.key == other.key
-            and self.deleted == other.deleted
-            and self.value == other.value
-        )
-
-
-def encode_json(value: Any) -> str:
-    """Compact JSON. Raises ValueError for NaN and infinities, which JSON cannot carry."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def encode_entry(key: str, value_json: str, version: int, deleted: bool) -> bytes:
-    flag = "true" if deleted else "false"
-    text = f'{{"key":{encode_json(key)},"value":{value_json},"version":{version},"deleted":{flag}}}'
-    return text.encode()
+from kv.core.records import Entry, TermExhaustedError, first_version, term_of
 
 
 @dataclass(frozen=True, slots=True)

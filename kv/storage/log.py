@@ -30,10 +30,11 @@ import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
-from store import Entry, VersionedStore
+from kv.core.records import Entry
+from kv.core.store import VersionedStore
+from kv.settings import FsyncPolicy
 
 log = logging.getLogger("kvstore.durability")
 
@@ -41,12 +42,6 @@ SNAPSHOT = "snapshot.jsonl"
 TERM_FILE = "term.json"
 LOG_PREFIX = "log-"
 COMPACT_FLOOR_BYTES = 4 * 1024 * 1024
-
-
-class FsyncPolicy(StrEnum):
-    ALWAYS = "always"
-    EVERYSEC = "everysec"
-    NO = "no"
 
 
 class CorruptLogError(RuntimeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -16,7 +17,14 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from durability import FsyncPolicy
+
+class FsyncPolicy(StrEnum):
+    """APPENDFSYNC, after Redis's appendfsync: when a node's log is fsynced."""
+
+    ALWAYS = "always"
+    EVERYSEC = "everysec"
+    NO = "no"
+
 
 # Documented in the README. Fine on a laptop; a warning is logged while it is in use.
 DEVELOPMENT_SECRET = "dev-replication-secret"

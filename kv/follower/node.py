@@ -9,8 +9,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from startup import TermFence
-from store import Entry, VersionedStore
+from kv.core.records import Entry
+from kv.core.startup import TermFence
+from kv.core.store import VersionedStore
 
 
 @dataclass(frozen=True, slots=True)

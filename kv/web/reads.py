@@ -1,0 +1,64 @@
+"""The read routes every node serves from its own store: `GET /keys/{key}`, `/keys`, `/state`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+
+from kv.core.store import VersionedStore
+from kv.web.errors import key_not_found
+from kv.web.schemas import MAX_KEY_LENGTH, ErrorResponse, KeyList, KeyValue, Role, StateResponse
+
+KeyPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+        description="The key, URL-encoded: `/`, `?`, `%`, `#` and spaces are all allowed.",
+    ),
+]
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "The key is absent or deleted."}
+}
+
+
+def read_router(store: VersionedStore, role: Role, term: Callable[[], int]) -> APIRouter:
+    """`GET /keys/{key}`, `GET /keys` and `GET /state`, served by every node from its own store."""
+    router = APIRouter(tags=["reads"])
+
+    @router.get("/keys", response_model=KeyList, summary="List the live keys, sorted")
+    async def list_keys() -> KeyList:
+        keys = store.keys()
+        return KeyList(keys=keys, count=len(keys))
+
+    @router.get(
+        "/keys/{key:path}",
+        response_model=KeyValue,
+        responses=NOT_FOUND,
+        summary="Read one key",
+    )
+    async def read_key(key: KeyPath) -> KeyValue:
+        entry = store.get(key)
+        if entry is None:
+            raise key_not_found(key)
+        return KeyValue(key=entry.key, value=entry.value, version=entry.version)
+
+    @router.get(
+        "/state",
+        response_model=StateResponse,
+        summary="This node's whole store, for consistency checks",
+    )
+    async def state() -> StateResponse:
+        live = store.live_items()
+        return StateResponse(
+            role=role,
+            store={entry.key: entry.value for entry in live},
+            versions={entry.key: entry.version for entry in live},
+            last_version=store.last_version,
+            term=term(),
+        )
+
+    return router
