@@ -62,6 +62,7 @@ class LeaderNode(LeaderCore):
 
     def open(self, clients: dict[str, httpx.AsyncClient]) -> None:
         """Replay the log, and read followers' entries (through `clients`) in the background."""
+        self._log_configuration()
         self.storage.open()
         self.startup.persisted_term, _ = self.storage.load_term()
         self.replicator.links = [
@@ -76,6 +77,30 @@ class LeaderNode(LeaderCore):
             for url in self.settings.followers
         ]
         self._startup_task = asyncio.create_task(self._start_up(), name="leader-start-up")
+
+    def _log_configuration(self) -> None:
+        settings, n = self.settings, len(self.settings.followers)
+        if settings.write_quorum is None and n < 3:
+            log.warning("WRITE_QUORUM is not set; with %d follower(s) it defaults to %d", n, n)
+        if settings.data_dir is None and n and 2 * self.startup.quorum <= n:
+            log.warning(
+                "STARTUP_QUORUM is %d of %d followers and there is no DATA_DIR: if every follower "
+                "this leader reads at start-up was away for all of the previous leader's life, it "
+                "may reuse that leader's term (see the README); set DATA_DIR, or STARTUP_QUORUM "
+                "above %d, to rule that out",
+                self.startup.quorum,
+                n,
+                n // 2,
+            )
+        log.info(
+            "leader replicating to %d follower(s), write quorum %d, startup quorum %d, "
+            "delay %g..%g ms",
+            n,
+            settings.quorum,
+            self.startup.quorum,
+            settings.min_delay_ms,
+            settings.max_delay_ms,
+        )
 
     async def _start_up(self) -> None:
         await self.replicator.gather(self.startup, leader_id=self.leader_id)

@@ -1,0 +1,62 @@
+"""A running follower: FollowerCore's rules, with its log and term record on disk around them."""
+
+from __future__ import annotations
+
+import logging
+
+from kv.core.records import Entry
+from kv.follower.node import Applied, FollowerCore, Page, Refused
+from kv.settings import FollowerSettings
+from kv.storage.log import Storage
+
+log = logging.getLogger("kvstore.follower")
+
+
+class FollowerService:
+    """What follower.py's routes call: apply a batch, read a page; each persisted first."""
+
+    def __init__(self, settings: FollowerSettings) -> None:
+        self.settings = settings
+        self.storage = Storage(settings.data_dir, settings.appendfsync)
+        self.core = FollowerCore(self.storage.store)
+
+    @property
+    def term(self) -> int:
+        return self.core.fence.term
+
+    def open(self) -> None:
+        """Replay the log and the newest term seen, if there is a DATA_DIR."""
+        self.storage.open()
+        self.core.fence.term, self.core.fence.leader_id = self.storage.load_term()
+
+    async def close(self) -> None:
+        await self.storage.close()
+
+    async def replicate(
+        self, term: int | None, leader_id: str | None, entries: list[Entry]
+    ) -> Applied | Refused:
+        """Apply a batch; answer only once what it changed is in the log (and on disk if
+        APPENDFSYNC=always), so a confirmation survives this follower's crash."""
+        outcome = self.core.handle_replicate(term, leader_id, entries)
+        if isinstance(outcome, Refused):
+            return outcome
+        if outcome.term_changed:
+            self._save_term()
+            log.info(
+                "now in term %d (leader %s)", self.term, (self.core.fence.leader_id or "?")[:8]
+            )
+        self.storage.record(outcome.applied)
+        if self.storage.waits_for_fsync:
+            await self.storage.sync()
+        return outcome
+
+    def read(
+        self, after_version: int, limit: int, term: int | None, leader_id: str | None
+    ) -> Page | Refused:
+        page = self.core.handle_read(after_version, limit, term, leader_id)
+        if isinstance(page, Page) and page.term_changed:
+            self._save_term()
+        return page
+
+    def _save_term(self) -> None:
+        self.storage.save_term(self.core.fence.term, self.core.fence.leader_id)

@@ -1,0 +1,98 @@
+"""The HTTP side of the follower's internal routes: documentation and bodies for /replicate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import HTTPException, Response
+from fastapi.responses import JSONResponse
+
+from kv.core.records import Entry
+from kv.follower.node import Applied, Page, Refused
+from kv.web.auth import SECRET_HEADER
+from kv.web.schemas import (
+    ErrorResponse,
+    FollowerEntries,
+    ReplicatedEntry,
+    ReplicateRequest,
+    ReplicateResponse,
+    TermConflict,
+)
+
+PAGE_LIMIT_DEFAULT = 10_000
+PAGE_LIMIT_MAX = 100_000
+
+# The header is checked by RequireSecret before routing; this documents it in /docs.
+SECRET_PARAMETER = {
+    "name": SECRET_HEADER,
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "REPLICATION_SECRET, shared by the leader and followers.",
+}
+UNAUTHORISED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong secret."}
+}
+REPLICATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **UNAUTHORISED,
+    409: {"model": TermConflict, "description": "The batch comes from an older term."},
+}
+ENTRIES_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **UNAUTHORISED,
+    409: {"model": TermConflict, "description": "The reader's term is older."},
+}
+REJECTED_WRITE: dict[int | str, dict[str, Any]] = {
+    403: {"model": ErrorResponse, "description": "Followers accept no writes."}
+}
+
+
+def entries_of(body: ReplicateRequest) -> list[Entry]:
+    return [Entry(e.key, e.value, e.version, e.deleted) for e in body.entries]
+
+
+def refused(refusal: Refused) -> JSONResponse:
+    conflict = TermConflict(
+        error=refusal.reason, follower_term=refusal.follower_term, batch_term=refusal.batch_term
+    )
+    return JSONResponse(conflict.model_dump(), status_code=409)
+
+
+def confirmation(outcome: Applied, last_version: int, term: int, node_id: str) -> Response:
+    body = ReplicateResponse(
+        applied=len(outcome.applied),
+        stale=outcome.stale,
+        last_version=last_version,
+        term=term,
+        node_id=node_id,
+        unconfirmed=outcome.unconfirmed,
+    )
+    # Serialised directly: the model is already valid, so FastAPI need not check it again.
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def page_body(page: Page, last_version: int, term: int, node_id: str) -> Response:
+    body = FollowerEntries.model_construct(
+        entries=[
+            ReplicatedEntry.model_construct(
+                key=e.key, value=e.value, version=e.version, deleted=e.deleted
+            )
+            for e in page.entries
+        ],
+        last_version=last_version,
+        term=term,
+        node_id=node_id,
+        next_after=page.next_after,
+    )
+    # Built without re-validating: a page can hold a hundred thousand entries.
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def write_refused(leader_url: str | None) -> HTTPException:
+    where = (
+        f"the leader at LEADER_URL={leader_url}"
+        if leader_url
+        else "the leader (LEADER_URL is not set on this follower)"
+    )
+    return HTTPException(
+        403, f"this node is a follower and accepts no writes; send writes to {where}"
+    )

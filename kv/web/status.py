@@ -1,0 +1,67 @@
+"""The leader's status bodies: /health (liveness, each follower's state), /ready and /."""
+
+from __future__ import annotations
+
+import time
+
+from kv.leader.service import LeaderNode
+from kv.web.schemas import FollowerStatus, HealthResponse, LeaderConfig, NodeInfo, ReadyResponse
+
+
+def leader_health(node: LeaderNode) -> HealthResponse:
+    now, store, settings = time.monotonic(), node.store, node.settings
+    return HealthResponse(
+        role="leader",
+        last_version=store.last_version,
+        term=node.term,
+        followers=len(settings.followers),
+        write_quorum=settings.quorum,
+        replicas=[
+            FollowerStatus(
+                url=link.url,
+                state=link.state.value,
+                lag=max(0, store.last_version - link.progress.follower_last_version),
+                pending=link.progress.pending,
+                backlog=link.progress.backlog(now),
+                delivered=link.progress.delivered,
+                batches=link.progress.batches,
+                heartbeats=link.progress.heartbeats,
+                resyncs=link.progress.resyncs,
+                pulls=link.progress.pulls,
+                last_error=link.progress.last_error,
+            )
+            for link in node.replicator.links
+        ],
+    )
+
+
+def leader_ready(node: LeaderNode) -> ReadyResponse:
+    return ReadyResponse(
+        ready=node.ready,
+        reason=node.waiting_reason(),
+        term=node.term,
+        heard_from=node.startup.heard,
+        startup_quorum=node.startup.quorum,
+        followers=len(node.settings.followers),
+        ready_after_s=node.ready_after_s,
+    )
+
+
+def leader_info(node: LeaderNode) -> NodeInfo:
+    settings = node.settings
+    return NodeInfo(
+        role="leader",
+        config=LeaderConfig(
+            followers=settings.followers,
+            write_quorum=settings.quorum,
+            startup_quorum=node.startup.quorum,
+            min_delay_ms=settings.min_delay_ms,
+            max_delay_ms=settings.max_delay_ms,
+            replication_timeout_ms=settings.replication_timeout_ms,
+            max_replication_queue=settings.max_replication_queue,
+            max_value_bytes=settings.max_value_bytes,
+            data_dir=str(settings.data_dir) if settings.data_dir else None,
+            appendfsync=settings.appendfsync.value,
+            development_secret=settings.uses_development_secret,
+        ),
+    )
