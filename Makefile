@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit integration nemesis lint format analysis clean
+.PHONY: run test unit app system integration nemesis lint format analysis clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -22,8 +22,17 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
+## unit: the pure core only (no sockets, no processes): seconds
 unit: $(STAMP)
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests/unit $(ARGS)
+
+## app: both apps in-process through httpx's ASGITransport
+app: $(STAMP)
+	$(PY) -m pytest tests/app $(ARGS)
+
+## system: real processes: tests/system and the integration suite
+system: $(STAMP)
+	$(PY) -m pytest tests/system test_integration.py $(ARGS)
 
 integration: $(STAMP)
 	$(PY) -m pytest test_integration.py $(ARGS)

@@ -25,7 +25,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -33,11 +33,11 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from tests.support import Check, eventually
 from tools.cluster import ClusterControl, ComposeCluster, LocalCluster, wait_healthy
 from tools.loadgen import ConnectionPool
 
 SECRET_HEADER = "X-Replication-Secret"
-Check = Callable[[], Awaitable[bool]]
 
 
 @dataclass
@@ -95,16 +95,6 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 def unique(prefix: str = "key") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-async def eventually(check: Check, timeout: float, what: str) -> float:
-    """Poll `check` until it holds; return the seconds it took, or fail after `timeout`."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 async def read_everywhere(client: httpx.AsyncClient, cluster: Cluster, key: str) -> list[dict]:

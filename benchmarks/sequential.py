@@ -18,11 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.cluster import LocalCluster
 from tools.loadgen import ConnectionPool
-
-
-def percentile(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+from tools.study import percentile
 
 
 async def measure(leader: str, quorum: int, writes: int, warmup: int) -> list[float]:

@@ -36,9 +36,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from sequential import measure, percentile  # noqa: E402  (beside this script)
+from sequential import measure  # noqa: E402  (beside this script)
 
 from tools.cluster import HOST, LocalCluster, Node, free_port, wait_healthy  # noqa: E402
+from tools.study import percentile  # noqa: E402
 
 
 @dataclass

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from kv.network.http1 import read_body, read_head
+
 
 @dataclass(frozen=True, slots=True)
 class Response:
@@ -56,26 +58,11 @@ class Connection:
 
     async def _read_response(self) -> Response:
         assert self._reader is not None
-        status_line = await self._reader.readline()
-        if not status_line:
-            raise ConnectionError("connection closed before a response")
-        status = int(status_line.split(b" ", 2)[1])
-        length = 0
-        keep_alive = True
-        while True:
-            line = await self._reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"connection" and value.strip().lower() == b"close":
-                keep_alive = False
-        body = await self._reader.readexactly(length) if length else b""
-        if not keep_alive:
+        head = await read_head(self._reader)
+        body = await read_body(self._reader, head)
+        if not head.keep_alive:
             await self.close()
-        return Response(status, body)
+        return Response(head.status, body)
 
     async def close(self) -> None:
         if self._writer is not None:

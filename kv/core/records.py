@@ -39,9 +39,18 @@ class Entry:
     value: Any
     version: int
     deleted: bool = False
-    # The entry encoded once as JSON, so that fanning it out to every follower
-    # does not serialise it once per follower.
-    encoded: bytes = field(default=b"", compare=False, repr=False)
+    # The entry as JSON, made at most once (see `encoded`); pass it when it is at hand.
+    encoding: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def encoded(self) -> bytes:
+        """The entry as compact JSON, encoded once and kept: fanning it out to five followers,
+        logging it and paging it out never serialise it again."""
+        if not self.encoding:
+            value_json = encode_json(self.value)
+            encoding = encode_entry(self.key, value_json, self.version, self.deleted)
+            object.__setattr__(self, "encoding", encoding)  # a cache, not a change of value
+        return self.encoding
 
     @classmethod
     def create(
@@ -52,7 +61,8 @@ class Entry:
         deleted: bool = False,
         value_json: str | None = None,
     ) -> Entry:
-        """Build an entry; pass `value_json` when the value has been encoded already."""
+        """Build an entry and encode it now; pass `value_json` when the value is encoded already
+        (the leader's write path, which had to encode it to check its size)."""
         if value_json is None:
             value_json = encode_json(value)
         return cls(
@@ -62,11 +72,6 @@ class Entry:
             deleted,
             encode_entry(key, value_json, version, deleted),
         )
-
-    @classmethod
-    def from_wire(cls, key: str, value: Any, version: int, deleted: bool) -> Entry:
-        """An entry received from another node (JSON already decoded)."""
-        return cls.create(key, value, version, deleted)
 
     def same_write(self, other: Entry) -> bool:
         """Whether `other` is this very write: same key, version and content."""

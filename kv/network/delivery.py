@@ -115,7 +115,7 @@ async def pull_entries(
             after, digest, count = 0, 0, 0  # it restarted: what was read may be gone
         node_id = str(body["node_id"])
         entries = [
-            Entry.from_wire(e["key"], e["value"], int(e["version"]), bool(e["deleted"]))
+            Entry(e["key"], e["value"], int(e["version"]), bool(e["deleted"]))
             for e in body["entries"]
         ]
         on_page(entries)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import httpx
 
-MAX_HEADER_LINES = 100
+from kv.network.http1 import read_body, read_head
 
 
 class _Connection:
@@ -117,42 +117,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
     async def _read_response(
         self, reader: asyncio.StreamReader, request: httpx.Request
     ) -> httpx.Response:
-        status_line = await reader.readline()
-        if not status_line:
-            raise ConnectionResetError("connection closed before a response")
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise ValueError(f"bad status line {status_line[:80]!r}")
-        status = int(parts[1])
-        headers: list[tuple[bytes, bytes]] = []
-        for _ in range(MAX_HEADER_LINES):
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line:
-                raise asyncio.IncompleteReadError(b"", None)
-            name, _, value = line.partition(b":")
-            headers.append((name.strip(), value.strip()))
-        else:
-            raise ValueError("too many header lines")
-        fields = {name.lower(): value for name, value in headers}
-        if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
-            content = await self._read_chunked(reader)
-        else:
-            length = int(fields.get(b"content-length", b"0"))
-            content = await reader.readexactly(length) if length else b""
-        return httpx.Response(status, headers=headers, content=content, request=request)
-
-    async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
-        chunks: list[bytes] = []
-        while True:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(chunks)
-            chunks.append(await reader.readexactly(size))
-            await reader.readexactly(2)  # the CRLF after each chunk
+        head = await read_head(reader)
+        content = await read_body(reader, head)
+        return httpx.Response(head.status, headers=head.headers, content=content, request=request)
 
     async def aclose(self) -> None:
         self._closed = True

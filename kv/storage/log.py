@@ -49,9 +49,7 @@ class CorruptLogError(RuntimeError):
 
 
 def encode_record(entry: Entry) -> bytes:
-    payload = (
-        entry.encoded or Entry.create(entry.key, entry.value, entry.version, entry.deleted).encoded
-    )
+    payload = entry.encoded
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 

@@ -5,11 +5,12 @@ import json
 from urllib.parse import quote
 
 import pytest
-from conftest import ControlledTransport, InProcessCluster, eventually, in_process_cluster
 
 from kv.settings import DEVELOPMENT_SECRET
 from kv.web.auth import SECRET_HEADER
 from kv.web.schemas import WriteResponse
+from tests.app.inprocess import ControlledTransport, InProcessCluster, in_process_cluster
+from tests.support import eventually
 
 ODD_KEYS = ["with space", "ünïcødé ключ", "a/b/c", "what?", "100%", "#hash", "%2F", " lead", "..."]
 

@@ -395,7 +395,7 @@ def test_with_its_term_file_a_restarted_leader_never_reuses_a_term():
 
 
 MODEL_SETTINGS = settings(
-    max_examples=int(os.environ.get("KV_MODEL_EXAMPLES", "150")),
+    max_examples=int(os.environ.get("KV_MODEL_EXAMPLES", "80")),
     stateful_step_count=40,
     derandomize=True,
     deadline=None,

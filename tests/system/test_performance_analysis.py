@@ -1,4 +1,4 @@
-"""performance_analysis.py: its statistics, and one real quick run against a local cluster."""
+"""performance_analysis.py end to end: quick real runs against local clusters."""
 
 import csv
 import json
@@ -7,37 +7,7 @@ from pathlib import Path
 import pytest
 
 import performance_analysis as pa
-from kv.core.outbox import DelayModel
 from tools.cluster import LocalCluster, free_port
-
-
-def result(quorum: int, latency_ms: float, delays: list[float], status: int = 200):
-    return pa.WriteResult(quorum, 0, "k", status, latency_ms, None, len(delays), 1, delays)
-
-
-def test_percentile_interpolates_like_numpy():
-    samples = [float(x) for x in range(1, 101)]
-    assert pa.percentile(samples, 50) == pytest.approx(50.5)
-    assert pa.percentile(samples, 99) == pytest.approx(99.01)
-    assert pa.percentile([7.0], 95) == 7.0
-
-
-def test_overhead_is_latency_minus_the_kth_smallest_reported_delay():
-    write = result(quorum=2, latency_ms=130.0, delays=[300.0, 120.0, 40.0])
-    assert write.kth_delay_ms() == 120.0
-    assert write.overhead_ms() == pytest.approx(10.0)
-    assert result(quorum=3, latency_ms=1.0, delays=[1.0]).overhead_ms() is None
-    assert result(quorum=1, latency_ms=9.0, delays=[1.0], status=503).overhead_ms() is None
-
-
-def test_summary_counts_failures_and_uses_the_order_statistic():
-    writes = [result(3, 500.0 + i, [100.0, 200.0, 495.0 + i]) for i in range(10)]
-    writes.append(result(3, 5000.0, [1.0], status=503))
-    summary = pa.summarise(3, writes, DelayModel(0, 1000), n=5)
-    assert (summary.writes, summary.failures) == (11, 1)
-    assert summary.expected_ms == pytest.approx(500.0)
-    assert summary.mean_ms == pytest.approx(504.5)
-    assert summary.overhead_p50_ms == pytest.approx(5.0)
 
 
 def test_a_quick_run_writes_every_output_and_a_consistency_verdict(

@@ -16,6 +16,7 @@ SECONDS = float(os.environ.get("KV_NEMESIS_SECONDS", "50"))
 SEED = int(os.environ.get("KV_NEMESIS_SEED", "20261122"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(SECONDS + 150)
 def test_random_faults_under_load_break_no_invariant(tmp_path: Path):
     history, final = asyncio.run(run(SECONDS, SEED, tmp_path))

@@ -15,6 +15,7 @@ import pytest
 
 from kv.core.records import first_version, term_of
 from kv.settings import DEVELOPMENT_SECRET
+from tests.support import eventually, replicas_equal
 from tools.cluster import LocalCluster
 
 SECRET = {"X-Replication-Secret": DEVELOPMENT_SECRET}
@@ -56,29 +57,17 @@ async def write(client: httpx.AsyncClient, leader: str, key: str, value: object,
     return response.json()
 
 
-async def states(client: httpx.AsyncClient, cluster: LocalCluster) -> list[dict]:
-    urls = [cluster.leader_url, *cluster.follower_urls]
-    return [(await client.get(f"{url}/state")).json() for url in urls]
-
-
 async def converged(client: httpx.AsyncClient, cluster: LocalCluster, timeout: float) -> float:
-    """Poll until every replica's store and versions equal the leader's; return the seconds."""
-    started = time.monotonic()
-    while True:
-        leader, *followers = await states(client, cluster)
-        want = (leader["store"], leader["versions"])
-        if all((f["store"], f["versions"]) == want for f in followers):
-            return time.monotonic() - started
-        assert time.monotonic() - started < timeout, f"not converged: {leader} vs {followers}"
-        await asyncio.sleep(0.05)
+    """Wait until every replica's store and versions equal the leader's; return the seconds."""
+    urls = [cluster.leader_url, *cluster.follower_urls]
+    return await eventually(lambda: replicas_equal(client, urls), timeout, "replicas converging")
 
 
 async def ready_within(client: httpx.AsyncClient, leader: str, timeout: float) -> float:
-    started = time.monotonic()
-    while (await client.get(f"{leader}/ready")).status_code != 200:
-        assert time.monotonic() - started < timeout, "the leader never became ready"
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
+    async def ready() -> bool:
+        return (await client.get(f"{leader}/ready")).status_code == 200
+
+    return await eventually(ready, timeout, "the leader becoming ready")
 
 
 async def test_frozen_sole_holder_and_a_leader_without_data_dir(
@@ -166,16 +155,13 @@ async def test_a_starting_leader_waits_for_its_startup_quorum(
         cluster.restart_leader(wait_ready=False)
         assert (await client.get(f"{leader}/health")).status_code == 200
 
-        async def heard_from_one() -> dict:
-            while True:
-                ready = await client.get(f"{leader}/ready")
-                body = ready.json()
-                if body["heard_from"] == 1:
-                    return body
-                await asyncio.sleep(0.05)
+        async def heard_from_one() -> bool:
+            return (await client.get(f"{leader}/ready")).json()["heard_from"] == 1
 
-        body = await asyncio.wait_for(heard_from_one(), 10)
-        assert (await client.get(f"{leader}/ready")).status_code == 503
+        await eventually(heard_from_one, 10, "the leader reading the one follower it can")
+        ready = await client.get(f"{leader}/ready")
+        body = ready.json()
+        assert ready.status_code == 503
         assert body["startup_quorum"] == 2 and not body["ready"]
         assert "1 of the 2" in body["reason"]
         refused = await client.post(f"{leader}/keys", json={"key": "k2", "value": 1})

@@ -5,8 +5,8 @@ import time
 
 import httpx
 import pytest
-from conftest import rss_bytes
 
+from tests.support import rss_bytes
 from tools.cluster import LocalCluster
 
 SECRET = "s3cret-" + "q" * 24
