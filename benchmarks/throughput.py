@@ -168,7 +168,12 @@ def main() -> int:
                   f"{'errors':>6} {'wrk cpu':>7}")  # fmt: skip
             results: dict[str, list[LoadResult]] = {name: [] for name in targets}
             for round_ in range(1, args.rounds + 1):
-                for name, url in targets.items():
+                # Whatever runs first in a round was measured slower here; alternating the
+                # order of the compared targets each round cancels that out.
+                order = list(targets.items())
+                if round_ % 2 == 0:
+                    order = order[:1] + order[1:][::-1]
+                for name, url in order:
                     run_wrk(url, 2, args.connections)  # warm-up, discarded
                     result = run_wrk(url, args.duration, args.connections)
                     results[name].append(result)
