@@ -130,8 +130,8 @@ class FollowerProgress:
     def backlog(self, now: float) -> int:
         """Entries the follower has failed to take so far: past their simulated delay but
         unconfirmed, not counting a snapshot. What MAX_REPLICATION_QUEUE caps."""
-        taken = self.outbox.ready_count(now) + self.entries_in_flight
-        return taken - self.snapshot_outstanding
+        not_taken = self.outbox.ready_count(now) + self.entries_in_flight
+        return not_taken - self.snapshot_outstanding
 
     @property
     def pending(self) -> int:

@@ -66,19 +66,14 @@ def merge_entries(
                 outcome.adopted.append(entry)
         elif entry.version == held.version and not held.same_write(entry):
             outcome.restamp.append(held)
-        else:
-            store.advance_to(entry.version)
     return outcome
 
 
 @dataclass(frozen=True, slots=True)
 class FollowerReport:
-    """What one follower told a starting leader once all its entries were read."""
+    """What a starting leader keeps of a follower once all its entries were read."""
 
-    url: str
     node_id: str
-    term: int
-    last_version: int
     fingerprint: int
 
 
@@ -119,9 +114,7 @@ class StartupMerge:
 
     def finish(self, url: str, node_id: str, term: int, last_version: int) -> None:
         """Every page of `url` has been merged: it counts towards the quorum."""
-        self.reports[url] = FollowerReport(
-            url, node_id, term, last_version, self._fingerprints.pop(url, 0)
-        )
+        self.reports[url] = FollowerReport(node_id, self._fingerprints.pop(url, 0))
         self._highest_term = max(self._highest_term, term)
         self.store.advance_to(last_version)
 
@@ -179,10 +172,14 @@ class StartupMerge:
         if term == self.chosen_term and url in self.reports:
             self.claims.add(url)
 
-    def in_sync(self, url: str) -> bool:
-        """Whether the follower at `url` held exactly what the leader holds after the merge."""
-        report = self.reports.get(url)
-        return report is not None and report.fingerprint == self.store.fingerprint()
+    def followers_in_sync(self) -> dict[str, tuple[str, bool]]:
+        """Each follower read: its node_id, and whether it held exactly what the leader holds
+        after the merge (the store is fingerprinted once, however many were read)."""
+        leader_print = self.store.fingerprint()
+        return {
+            url: (report.node_id, report.fingerprint == leader_print)
+            for url, report in self.reports.items()
+        }
 
 
 @dataclass

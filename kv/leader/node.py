@@ -79,10 +79,7 @@ class LeaderCore:
         assert self.startup.ready and self.startup.chosen_term is not None
         self.record(merged.adopted)
         self.begin_term(self.startup.chosen_term)
-        reports = {
-            url: (report.node_id, self.startup.in_sync(url))
-            for url, report in self.startup.reports.items()
-        }
+        reports = self.startup.followers_in_sync()
         self.restamp(merged.restamp)
         self.ready = True
         return reports

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -78,6 +78,33 @@ class Fenced(Exception):
         self.follower_term = follower_term
 
 
+async def read_page(
+    client: httpx.AsyncClient,
+    after: int,
+    limit: int,
+    *,
+    leader_id: str,
+    term: int | None,
+    timeout: float,
+) -> dict[str, Any]:
+    """One page of a follower's entries, read by the leader `leader_id` (of `term`, if it has
+    begun one): naming the leader fences the follower before it answers, so nothing an older
+    leader left on the wire can land after this read. Raises Fenced on a 409."""
+    fence = {"leader_id": leader_id} | ({} if term is None else {"term": term})
+    async with asyncio.timeout(timeout + 1):  # also when it accepts but never answers
+        response = await client.get(
+            "/replicate/entries",
+            params={"after_version": after, "limit": limit, **fence},
+            timeout=timeout,
+        )
+    if response.status_code == 409:
+        body = response.json()
+        raise Fenced(int(body["follower_term"]), str(body["error"]))
+    response.raise_for_status()
+    page: dict[str, Any] = response.json()
+    return page
+
+
 async def pull_entries(
     client: httpx.AsyncClient,
     on_page: Callable[[list[Entry]], None],
@@ -96,21 +123,10 @@ async def pull_entries(
     after = 0
     node_id: str | None = None
     digest = count = 0
-    # Naming the leader (and its term) fences the follower before it is read: nothing an
-    # older leader left on the wire can land after this read.
-    fence = {"leader_id": leader_id} | ({} if term is None else {"term": term})
     while True:
-        async with asyncio.timeout(page_timeout + 1):  # also when it accepts but never answers
-            response = await client.get(
-                "/replicate/entries",
-                params={"after_version": after, "limit": page_limit, **fence},
-                timeout=page_timeout,
-            )
-        if response.status_code == 409:
-            body = response.json()
-            raise Fenced(int(body["follower_term"]), str(body["error"]))
-        response.raise_for_status()
-        body = response.json()
+        body = await read_page(
+            client, after, page_limit, leader_id=leader_id, term=term, timeout=page_timeout
+        )
         if node_id is not None and body["node_id"] != node_id:
             after, digest, count = 0, 0, 0  # it restarted: what was read may be gone
         node_id = str(body["node_id"])
@@ -299,8 +315,9 @@ class FollowerLink:
                 confirmation = Confirmation(str(body["node_id"]), int(body["last_version"]))
                 unconfirmed = set(body.get("unconfirmed") or ())
             elif response.status_code == 409:
-                fenced_by = int(response.json()["follower_term"])
-                error = f"HTTP 409: {response.json()['error']}"
+                refusal = response.json()
+                fenced_by = int(refusal["follower_term"])
+                error = f"HTTP 409: {refusal['error']}"
             else:
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
         except httpx.HTTPError as exc:
@@ -471,18 +488,13 @@ class Replicator:
 
         async def claim(link: FollowerLink, term: int) -> None:
             try:
-                async with asyncio.timeout(page_timeout + 1):
-                    response = await link.client.get(
-                        "/replicate/entries",
-                        params={"term": term, "leader_id": leader_id, "limit": 1},
-                        timeout=page_timeout,
-                    )
-                if response.status_code == 409:
-                    merge.observe(int(response.json()["follower_term"]))
-                    merge.forget(link.url)
-                    return
-                response.raise_for_status()
+                await read_page(
+                    link.client, 0, 1, leader_id=leader_id, term=term, timeout=page_timeout
+                )
                 merge.claimed(link.url, term)
+            except Fenced as exc:
+                merge.observe(exc.follower_term)
+                merge.forget(link.url)
             except READ_ERRORS as exc:
                 log.warning("start-up: could not record term %d on %s (%s)",
                             term, link.url, describe(exc))  # fmt: skip

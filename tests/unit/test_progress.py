@@ -24,6 +24,16 @@ def met(progress: FollowerProgress, node: str = "node-a", now: float = 0.0) -> N
     heartbeat(progress, node, now)
 
 
+def one_write_sent(progress: FollowerProgress, now: float) -> list[Shipment]:
+    """Meet the follower, queue one write and put its batch on the wire."""
+    met(progress)
+    progress.queue(shipment(1, at=now))
+    batch = progress.next_batch(now, 1)
+    assert batch is not None and [s.entry.version for s in batch] == [1]
+    progress.sending(batch, now)
+    return batch
+
+
 def test_an_idle_follower_gets_a_heartbeat_every_half_second():
     progress = FollowerProgress(lambda: [])
     met(progress)
@@ -88,11 +98,7 @@ def test_a_restart_is_noticed_by_its_new_node_id_and_pulled_again():
 
 def test_failures_mark_the_follower_down_and_retry_after_a_backoff():
     progress = FollowerProgress(lambda: [])
-    met(progress)
-    progress.queue(shipment(1, at=1.0))
-    batch = progress.next_batch(1.0, 1)
-    assert batch is not None
-    progress.sending(batch, 1.0)
+    batch = one_write_sent(progress, 1.0)
     backoff = progress.handle_failure(batch, 1.0, "ConnectError")
     assert progress.state(1.0) == FollowerState.DOWN and not progress.can_confirm
     assert progress.next_batch(1.0 + backoff / 2, 1) is None
@@ -106,11 +112,7 @@ def test_failures_mark_the_follower_down_and_retry_after_a_backoff():
 
 def test_a_fenced_batch_goes_back_and_the_follower_is_pulled():
     progress = FollowerProgress(lambda: [])
-    met(progress)
-    progress.queue(shipment(1, at=1.0))
-    batch = progress.next_batch(1.0, 1)
-    assert batch is not None
-    progress.sending(batch, 1.0)
+    batch = one_write_sent(progress, 1.0)
     progress.handle_fenced(batch, 1.0, "HTTP 409: older term")
     assert progress.needs_pull and progress.consecutive_failures == 0
     assert progress.next_batch(1.0, 1) is None

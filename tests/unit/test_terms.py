@@ -81,7 +81,9 @@ def test_startup_merge_keeps_the_newest_of_each_key_and_picks_a_newer_term():
     assert store.get("x") is not None and store.get("x").value == 2  # type: ignore[union-attr]
     assert store.get("y") is None, "a deletion is never undone by an older write"
     assert merge.new_term() == 3
-    assert not merge.in_sync("a") and merge.in_sync("b"), "b held every newest entry"
+    assert not merge.followers_in_sync()["a"][1] and merge.followers_in_sync()["b"][1], (
+        "b held every newest entry"
+    )
     assert merge.outcome.restamp == []
 
 
@@ -116,7 +118,8 @@ def test_a_follower_that_held_exactly_the_merged_store_is_in_sync():
     entries = [Entry.create("x", 1, 1), Entry.create("y", 2, 2)]
     reported(merge, "a", entries, term=1)
     reported(merge, "b", entries[:1], term=1)
-    assert merge.in_sync("a") and not merge.in_sync("b")
+    in_sync = {url: held_all for url, (_, held_all) in merge.followers_in_sync().items()}
+    assert in_sync == {"a": True, "b": False}
 
 
 def test_merge_prefers_the_leaders_own_later_write_over_an_older_leaders():
