@@ -21,7 +21,7 @@ from kv.web import internal
 from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
 from kv.web.limits import RejectLargeBodies
-from kv.web.reads import KeyPath, read_router
+from kv.web.reads import KEY_ROUTE, KeyPath, read_router
 from kv.web.schemas import (
     FollowerConfig,
     FollowerEntries,
@@ -134,15 +134,13 @@ async def write_key(request: Request) -> Any:
     raise internal.write_refused(service(request).settings.leader_url)
 
 
-@router.put("/keys/{key:path}", responses=internal.REJECTED_WRITE, tags=["writes"], status_code=403)
+@router.put(KEY_ROUTE, responses=internal.REJECTED_WRITE, tags=["writes"], status_code=403)
 async def put_key(request: Request, key: KeyPath) -> Any:
     """Refused: writes go to the leader."""
     raise internal.write_refused(service(request).settings.leader_url)
 
 
-@router.delete(
-    "/keys/{key:path}", responses=internal.REJECTED_WRITE, tags=["writes"], status_code=403
-)
+@router.delete(KEY_ROUTE, responses=internal.REJECTED_WRITE, tags=["writes"], status_code=403)
 async def delete_key(request: Request, key: KeyPath) -> Any:
     """Refused: writes go to the leader."""
     raise internal.write_refused(service(request).settings.leader_url)

@@ -32,7 +32,7 @@ from kv.settings import LeaderSettings, configure_logging, load_settings
 from kv.web import status, writes
 from kv.web.errors import install_error_handlers, key_not_found
 from kv.web.limits import RejectLargeBodies
-from kv.web.reads import NOT_FOUND, KeyPath, read_router
+from kv.web.reads import KEY_ROUTE, NOT_FOUND, KeyPath, read_router
 from kv.web.schemas import HealthResponse, NodeInfo, ReadyResponse, ValueRequest, WriteRequest
 from kv.web.schemas import WriteResponse as Written
 
@@ -154,9 +154,7 @@ async def write_key(
     return await put(request, body.key, body.value, w, timeout_ms)
 
 
-@router.put(
-    "/keys/{key:path}", response_model=Written, responses=writes.WRITE_RESPONSES, tags=["writes"]
-)
+@router.put(KEY_ROUTE, response_model=Written, responses=writes.WRITE_RESPONSES, tags=["writes"])
 async def put_key(
     request: Request,
     key: KeyPath,
@@ -169,7 +167,7 @@ async def put_key(
 
 
 @router.delete(
-    "/keys/{key:path}",
+    KEY_ROUTE,
     response_model=Written,
     responses={**NOT_FOUND, **writes.WRITE_RESPONSES},
     tags=["writes"],

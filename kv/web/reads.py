@@ -6,10 +6,23 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from kv.core.store import VersionedStore
 from kv.web.errors import key_not_found
 from kv.web.schemas import MAX_KEY_LENGTH, ErrorResponse, KeyList, KeyValue, Role, StateResponse
+
+
+class KeyConvertor(PathConvertor):
+    """Starlette's `path` convertor, matching newlines too: its `.*` stops at one, so a key
+    written with `POST /keys` that holds a newline could be neither read nor deleted by path."""
+
+    regex = "[\\s\\S]*"
+
+
+register_url_convertor("key", KeyConvertor())
+KEY_ROUTE = "/keys/{key:key}"
+"""The route of one key, on both roles: any string, URL-encoded, `/` and newlines included."""
 
 KeyPath = Annotated[
     str,
@@ -35,7 +48,7 @@ def read_router(store: VersionedStore, role: Role, term: Callable[[], int]) -> A
         return KeyList(keys=keys, count=len(keys))
 
     @router.get(
-        "/keys/{key:path}",
+        KEY_ROUTE,
         response_model=KeyValue,
         responses=NOT_FOUND,
         summary="Read one key",
