@@ -47,6 +47,9 @@ def test_no_server_errors_and_no_schema_violations(cluster: LocalCluster, role: 
         "--phases", "examples,fuzzing,stateful",
         "--max-examples", "50",
         "--seed", "20261121",
+        # No example database: stored cases from earlier runs were replayed past the hooks,
+        # so the same seed failed now and then. Each run is now exactly its seed.
+        "--generation-database", "none",
         "--workers", "1",
         "--no-color",
     ]  # fmt: skip
