@@ -12,7 +12,18 @@ from kv.web.schemas import WriteResponse
 from tests.app.inprocess import ControlledTransport, InProcessCluster, in_process_cluster
 from tests.support import eventually
 
-ODD_KEYS = ["with space", "line\nbreak", "ünïcødé ключ", "a/b/c", "what?", "100%", "#hash", "%2F", " lead", "..."]
+ODD_KEYS = [
+    "with space",
+    "line\nbreak",
+    "ünïcødé ключ",
+    "a/b/c",
+    "what?",
+    "100%",
+    "#hash",
+    "%2F",
+    " lead",
+    "...",
+]
 
 
 async def test_write_is_read_back_from_every_node(cluster: InProcessCluster):
