@@ -194,11 +194,18 @@ async def health(request: Request) -> HealthResponse:
 @router.get(
     "/ready",
     response_model=ReadyResponse,
-    responses={503: {"model": ReadyResponse, "description": "Still starting."}},
+    responses={
+        503: {
+            "model": ReadyResponse,
+            "description": "Still starting, or fewer than WRITE_QUORUM followers reachable.",
+        }
+    },
     tags=["node"],
 )
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: 200 once the start-up read quorum holds the new term and writes are taken."""
+    """Readiness: 200 when a write at the default quorum can succeed: the start-up read is
+    done and at least WRITE_QUORUM followers are reachable. 503 with the reason otherwise.
+    Liveness is `/health`."""
     body = status.leader_ready(request.app.state.node)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 

@@ -392,6 +392,79 @@ async def test_frozen_followers_make_writes_fail_with_503_then_recover(
     print(f"thawed followers converged in {took:.2f} s")
 
 
+async def test_a_frozen_follower_is_seen_down_within_a_second_and_a_half_even_under_load(
+    client: httpx.AsyncClient, cluster: Cluster, faults: ClusterControl
+):
+    """Heartbeats go out beside data batches with their own short timeout, so a follower
+    that stops answering is `down` long before a stuck batch's timeout."""
+    index = len(cluster.followers) - 1
+    config = (await client.get(f"{cluster.leader}/")).json()["config"]
+    timeout_ms = config["heartbeat_timeout_ms"]
+
+    async def replica() -> dict:
+        return (await client.get(f"{cluster.leader}/health")).json()["replicas"][index]
+
+    async def state_is(state: str) -> bool:
+        return (await replica())["state"] == state
+
+    await eventually(lambda: state_is("up"), 10, "the follower up before the test")
+    stop = asyncio.Event()
+
+    async def load() -> int:
+        """Writes at w=1 all along, so data batches to the frozen follower are on the wire."""
+        written = 0
+        while not stop.is_set() and written < 5_000:
+            response = await client.post(
+                f"{cluster.leader}/keys?w=1", json={"key": unique("load"), "value": written}
+            )
+            assert response.status_code == 200, response.text
+            written += 1
+        return written
+
+    writer = asyncio.create_task(load())
+    try:
+        await asyncio.sleep(0.2)
+        faults.pause_follower(index)
+        took = await eventually(lambda: state_is("down"), 1.5, "the frozen follower seen down")
+        assert (await replica())["last_error"] == f"no answer within {timeout_ms:g} ms"
+        faults.resume_follower(index)
+        back = await eventually(lambda: state_is("up"), 15, "the thawed follower up again")
+    finally:
+        faults.resume_follower(index)
+        stop.set()
+        written = await writer
+    print(f"down {took:.2f} s after SIGSTOP, up {back:.2f} s after SIGCONT; {written} writes")
+
+
+async def test_ready_is_503_while_fewer_than_w_followers_are_reachable(
+    client: httpx.AsyncClient, cluster: Cluster, faults: ClusterControl
+):
+    info = (await client.get(f"{cluster.leader}/")).json()["config"]
+    n, w = len(cluster.followers), info["write_quorum"]
+    frozen = list(range(n - w + 1))  # leaves w - 1 reachable
+
+    async def ready_status() -> int:
+        return (await client.get(f"{cluster.leader}/ready")).status_code
+
+    assert await ready_status() == 200
+    try:
+        for index in frozen:
+            faults.pause_follower(index)
+        await eventually(lambda: _is(ready_status, 503), 3, "/ready turning 503")
+        body = (await client.get(f"{cluster.leader}/ready")).json()
+        assert body["ready"] is False and body["reachable"] == w - 1
+        assert f"only {w - 1} of {n} followers are reachable" in body["reason"]
+        assert (await client.get(f"{cluster.leader}/health")).status_code == 200
+    finally:
+        for index in frozen:
+            faults.resume_follower(index)
+    await eventually(lambda: _is(ready_status, 200), 15, "/ready back to 200")
+
+
+async def _is(probe, expected) -> bool:
+    return await probe() == expected
+
+
 async def test_killed_follower_fails_only_writes_that_need_it(
     client: httpx.AsyncClient, cluster: Cluster, faults: ClusterControl
 ):

@@ -91,6 +91,8 @@ class LeaderSettings(NodeSettings):
     min_delay_ms: float = Field(0, ge=0, le=3_600_000)
     max_delay_ms: float = Field(1000, ge=0, le=3_600_000)
     replication_timeout_ms: float = Field(5000, gt=0, le=3_600_000)
+    # A heartbeat unanswered for this long marks its follower down: failure detection.
+    heartbeat_timeout_ms: float = Field(500, gt=0, le=60_000)
     # Entries a follower has failed to take before it is cut over to a snapshot resync.
     max_replication_queue: int = Field(100_000, ge=1)
     # Followers whose entries a starting leader reads before it takes writes; None: N - W + 1.

@@ -44,7 +44,9 @@ class FollowerState(StrEnum):
 
 
 HEARTBEAT_S = 0.5
-"""An idle follower is contacted this often, so a restart or recovery is seen quickly."""
+"""A follower not contacted for this long gets a heartbeat: when idle, and also while a data
+batch is on the wire, so a follower that stops answering is noticed within HEARTBEAT_S plus
+the heartbeat's own timeout, however long a large batch may take."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,9 @@ class FollowerProgress:
     * ``consecutive_failures`` / ``blocked_until``: failures in a row, and the end
       of the backoff they earned. Invariant: state is ``down`` iff failures > 0.
     * ``snapshot_outstanding``: snapshot entries queued or on the wire.
-    * ``batches_in_flight`` / ``entries_in_flight``: requests on the wire.
+    * ``batches_in_flight`` / ``entries_in_flight``: data batches on the wire.
+    * ``heartbeat_in_flight``: at most one heartbeat is on the wire, beside the data.
+    * ``heartbeat_rtt``: the last heartbeat's round trip, in seconds.
     * ``follower_last_version``: the newest version the follower reported.
     * counters ``delivered``, ``batches``, ``heartbeats``, ``resyncs``, ``pulls``.
 
@@ -100,6 +104,9 @@ class FollowerProgress:
         self.outbox = outbox or Outbox()
         self.batches_in_flight = 0
         self.entries_in_flight = 0
+        self.heartbeat_in_flight = False
+        self.heartbeat_sent_at = 0.0
+        self.heartbeat_rtt: float | None = None
         self.consecutive_failures = 0
         self.blocked_until = 0.0
         self.last_attempt = float("-inf")
@@ -174,18 +181,18 @@ class FollowerProgress:
     def next_batch(self, now: float, max_in_flight: int) -> list[Shipment] | None:
         """The batch to send now; an empty list is a heartbeat; None means wait.
 
-        Nothing is sent while the follower's entries wait to be pulled: the caller
-        pulls them (see :attr:`wants_pull`).
+        No data is sent while the follower's entries wait to be pulled: the caller
+        pulls them (see :meth:`wants_pull`). Heartbeats carry no data and go out
+        regardless, beside any data batch on the wire, so a follower that stops
+        answering is seen down even while a batch waits for it.
         """
-        if self.batches_in_flight >= max_in_flight or now < self.blocked_until:
+        if now < self.blocked_until:
             return None
-        if self.needs_pull:
-            return None
-        batch = self.outbox.take_ready(now)
-        if batch:
-            return batch
-        idle = self.batches_in_flight == 0
-        if idle and now - self.last_attempt >= self.heartbeat_s:
+        if not self.needs_pull and self.batches_in_flight < max_in_flight:
+            batch = self.outbox.take_ready(now)
+            if batch:
+                return batch
+        if self._heartbeat_due_at() <= now:
             return []
         return None
 
@@ -195,21 +202,27 @@ class FollowerProgress:
 
     def next_wake(self, now: float, max_in_flight: int) -> float | None:
         """When :meth:`next_batch` may next have something; None: nothing to wait for."""
-        if self.batches_in_flight >= max_in_flight:
-            return None
         if now < self.blocked_until:
             return self.blocked_until
-        if self.needs_pull:
-            return None
-        ready = self.outbox.next_ready_at()
-        candidates = [] if ready is None else [ready]
-        if self.batches_in_flight == 0:
-            candidates.append(self.last_attempt + self.heartbeat_s)
-        return min(candidates, default=None)
+        candidates = [self._heartbeat_due_at()]
+        sendable = not self.needs_pull and self.batches_in_flight < max_in_flight
+        if sendable and (ready := self.outbox.next_ready_at()) is not None:
+            candidates.append(ready)
+        wake = min(candidates)
+        return None if wake == float("inf") else wake
+
+    def _heartbeat_due_at(self) -> float:
+        if self.heartbeat_in_flight:
+            return float("inf")
+        return self.last_attempt + self.heartbeat_s
 
     def sending(self, batch: list[Shipment], now: float) -> None:
-        self.batches_in_flight += 1
-        self.entries_in_flight += len(batch)
+        if batch:
+            self.batches_in_flight += 1
+            self.entries_in_flight += len(batch)
+        else:
+            self.heartbeat_in_flight = True
+            self.heartbeat_sent_at = now
         self.last_attempt = now
 
     def handle_success(self, batch: list[Shipment], confirmation: Confirmation, now: float) -> bool:
@@ -223,6 +236,7 @@ class FollowerProgress:
             self.batches += 1
         else:
             self.heartbeats += 1
+            self.heartbeat_rtt = now - self.heartbeat_sent_at
         if self.snapshot_outstanding:
             self.snapshot_outstanding -= sum(1 for s in batch if s.resync)
         self.node_id = confirmation.node_id
@@ -286,5 +300,8 @@ class FollowerProgress:
             self.resync(now)
 
     def _returned(self, batch: list[Shipment]) -> None:
-        self.batches_in_flight -= 1
-        self.entries_in_flight -= len(batch)
+        if batch:
+            self.batches_in_flight -= 1
+            self.entries_in_flight -= len(batch)
+        else:
+            self.heartbeat_in_flight = False

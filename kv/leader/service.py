@@ -73,6 +73,7 @@ class LeaderNode(LeaderCore):
                 FollowerProgress(self.store.entries, self.settings.max_replication_queue),
                 leader=self,
                 max_in_flight=MAX_IN_FLIGHT_PER_FOLLOWER,
+                heartbeat_timeout=self.settings.heartbeat_timeout_ms / 1000,
             )
             for url in self.settings.followers
         ]
@@ -133,7 +134,21 @@ class LeaderNode(LeaderCore):
         await self.storage.close()
 
     def waiting_reason(self) -> str | None:
+        """Why writes are refused outright: the start-up read is not done."""
         return self.not_ready_reason(len(self.settings.followers))
+
+    def unready_reason(self) -> str | None:
+        """Why `/ready` is 503: still starting, or too few followers reachable for a write
+        at the default quorum to succeed."""
+        if (reason := self.waiting_reason()) is not None:
+            return reason
+        reachable, quorum = self.replicator.confirmable(), self.settings.quorum
+        if reachable < quorum:
+            return (
+                f"only {reachable} of {len(self.settings.followers)} followers are reachable "
+                f"and WRITE_QUORUM is {quorum}: writes at the default quorum would fail"
+            )
+        return None
 
     def replicate(self, entry: Entry, started_at: float) -> list[asyncio.Future[Delivery]]:
         """Hand `entry` to every follower's delivery loop: one future each."""

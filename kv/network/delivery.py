@@ -35,6 +35,10 @@ Clock = Callable[[], float]
 PAGE_LIMIT = 10_000
 PAGE_TIMEOUT_S = 10.0
 """Each page of a follower's entries must arrive within this; the whole store may take longer."""
+BATCH_TIMEOUT_S = 5.0
+"""A data batch (up to 4 MiB) must be answered within this. Noticing a follower that stopped
+answering is the heartbeats' job, with their own, much shorter timeout (HEARTBEAT_TIMEOUT_MS)."""
+CONNECT_TIMEOUT_S = 1.0
 
 
 class LeaderHooks(Protocol):
@@ -187,6 +191,7 @@ class FollowerLink:
         leader: LeaderHooks,
         clock: Clock = time.monotonic,
         max_in_flight: int = 1,
+        heartbeat_timeout: float = 0.5,
     ) -> None:
         self.url = url
         self.leader = leader
@@ -195,13 +200,14 @@ class FollowerLink:
         self.progress = progress
         self.clock = clock
         self.max_in_flight = max_in_flight
+        self.heartbeat_timeout = heartbeat_timeout
         self._wakeup = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._sends: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._pull_task: asyncio.Task[None] | None = None
-        self._request_template: httpx.Request | None = None
+        self._templates: dict[bool, httpx.Request] = {}
 
     @property
     def state(self) -> FollowerState:
@@ -321,7 +327,7 @@ class FollowerLink:
             else:
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
         except httpx.HTTPError as exc:
-            error = describe(exc)
+            error = describe(exc, self.heartbeat_timeout if not batch else BATCH_TIMEOUT_S)
         except (ValueError, KeyError, TypeError) as exc:
             error = f"unexpected confirmation: {exc!r}"
         finally:
@@ -339,14 +345,19 @@ class FollowerLink:
 
     def _batch_request(self, batch: list[Shipment]) -> httpx.Request:
         """`client.build_request` re-parses and merges the URL and headers for every batch;
-        they never change, so they are prepared once (profiled: a third of httpx's cost)."""
-        if self._request_template is None:
+        they never change, so they are prepared once per kind (profiled: a third of httpx's
+        cost). A heartbeat (an empty batch) carries its own, short timeout."""
+        heartbeat = not batch
+        if (template := self._templates.get(heartbeat)) is None:
+            timeout = self.heartbeat_timeout if heartbeat else BATCH_TIMEOUT_S
             template = self.client.build_request(
-                "POST", "/replicate", headers={"content-type": "application/json"}
+                "POST",
+                "/replicate",
+                headers={"content-type": "application/json"},
+                timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S)),
             )
             del template.headers["content-length"]  # each batch's is its own
-            self._request_template = template
-        template = self._request_template
+            self._templates[heartbeat] = template
         return httpx.Request(
             "POST",
             template.url,
@@ -531,16 +542,32 @@ class Replicator:
         return [link.send(entry, started_at) for link in self.links]
 
 
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+def describe(exc: BaseException, timeout: float = PAGE_TIMEOUT_S) -> str:
+    """What went wrong, in the words an operator reads in /health: "no answer within 500 ms"."""
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return describe_timeout(exc, timeout)
+    if isinstance(exc, httpx.ConnectError) and "refused" in str(exc).lower():
+        return "connection refused: is the follower running?"
+    if str(exc) and str(exc) != type(exc).__name__:
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__
 
 
-def follower_client(url: str, secret: str, max_connections: int) -> httpx.AsyncClient:
-    """One long-lived client per follower, with a pool no larger than its in-flight cap."""
+def describe_timeout(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"no connection within {min(timeout, CONNECT_TIMEOUT_S) * 1000:g} ms"
+    if isinstance(exc, httpx.PoolTimeout):
+        return f"no free connection within {timeout * 1000:g} ms"
+    return f"no answer within {timeout * 1000:g} ms"
+
+
+def follower_client(url: str, secret: str, max_in_flight: int) -> httpx.AsyncClient:
+    """One long-lived client per follower: a connection per data batch on the wire, and one
+    more, so a heartbeat never waits behind a batch."""
     return httpx.AsyncClient(
         base_url=url,
         headers={SECRET_HEADER: secret},
-        transport=KeepAliveTransport(max_connections),
-        timeout=httpx.Timeout(3.0, connect=1.0),
+        transport=KeepAliveTransport(max_in_flight + 1),
+        timeout=httpx.Timeout(BATCH_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
         trust_env=False,
     )

@@ -66,7 +66,12 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError("transport is closed", request=request)
         timeouts = request.extensions.get("timeout", {})
         body = await request.aread()
-        async with self._slots:
+        try:
+            async with asyncio.timeout(timeouts.get("pool")):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise httpx.PoolTimeout("no free connection", request=request) from None
+        try:
             connection = self._idle.pop() if self._idle else None
             reused = connection is not None
             try:
@@ -90,6 +95,8 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             else:
                 self._idle.append(connection)
             return response
+        finally:
+            self._slots.release()
 
     async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
         url = request.url

@@ -118,7 +118,13 @@ class FollowerStatus(BaseModel):
     batches: int = Field(
         description="Requests that carried them: delivered/batches is the batch size."
     )
-    heartbeats: int = Field(description="Empty requests, sent when there is nothing to send.")
+    heartbeats: int = Field(
+        description="Empty requests: sent when nothing else was for HEARTBEAT_S (0.5 s), so a "
+        "follower that stops answering is seen down within HEARTBEAT_TIMEOUT_MS after that."
+    )
+    heartbeat_rtt_ms: float | None = Field(
+        None, description="The last answered heartbeat's round trip, in ms."
+    )
     resyncs: int = Field(
         description="Snapshots sent: to a follower that lacked what the leader holds, after a "
         "restart or an overflowing queue."
@@ -148,6 +154,10 @@ class ReadyResponse(BaseModel):
     ready: bool
     reason: str | None = Field(None, description="Why not, while not ready.")
     term: int
+    reachable: int | None = Field(
+        None, description="Leader: followers not down, of which it needs WRITE_QUORUM."
+    )
+    write_quorum: int | None = None
     heard_from: int | None = Field(
         None, description="Leader: followers whose entries it has read at start-up."
     )
@@ -163,6 +173,7 @@ class LeaderConfig(BaseModel):
     min_delay_ms: float
     max_delay_ms: float
     replication_timeout_ms: float
+    heartbeat_timeout_ms: float
     max_replication_queue: int
     max_value_bytes: int
     data_dir: str | None

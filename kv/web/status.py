@@ -26,6 +26,9 @@ def leader_health(node: LeaderNode) -> HealthResponse:
                 delivered=link.progress.delivered,
                 batches=link.progress.batches,
                 heartbeats=link.progress.heartbeats,
+                heartbeat_rtt_ms=None
+                if link.progress.heartbeat_rtt is None
+                else round(link.progress.heartbeat_rtt * 1000, 3),
                 resyncs=link.progress.resyncs,
                 pulls=link.progress.pulls,
                 last_error=link.progress.last_error,
@@ -36,10 +39,13 @@ def leader_health(node: LeaderNode) -> HealthResponse:
 
 
 def leader_ready(node: LeaderNode) -> ReadyResponse:
+    reason = node.unready_reason()
     return ReadyResponse(
-        ready=node.ready,
-        reason=node.waiting_reason(),
+        ready=reason is None,
+        reason=reason,
         term=node.term,
+        reachable=node.replicator.confirmable(),
+        write_quorum=node.settings.quorum,
         heard_from=node.startup.heard,
         startup_quorum=node.startup.quorum,
         followers=len(node.settings.followers),
@@ -58,6 +64,7 @@ def leader_info(node: LeaderNode) -> NodeInfo:
             min_delay_ms=settings.min_delay_ms,
             max_delay_ms=settings.max_delay_ms,
             replication_timeout_ms=settings.replication_timeout_ms,
+            heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
             max_replication_queue=settings.max_replication_queue,
             max_value_bytes=settings.max_value_bytes,
             data_dir=str(settings.data_dir) if settings.data_dir else None,

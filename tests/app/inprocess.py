@@ -72,7 +72,7 @@ async def in_process_cluster(
         leader_app.router.lifespan_context(leader_app),
         asgi_client(leader_app, "http://leader.test") as leader_client,
     ):
-        await eventually(lambda: leader_is_ready(leader_client), 10)
+        await eventually(lambda: leader_started(leader_app), 10)
         try:
             yield InProcessCluster(leader_client, follower_clients, leader_app, follower_apps)
         finally:
@@ -80,8 +80,10 @@ async def in_process_cluster(
                 await client.aclose()
 
 
-async def leader_is_ready(client: httpx.AsyncClient) -> bool:
-    return (await client.get("/ready")).status_code == 200
+async def leader_started(app: FastAPI) -> bool:
+    """Its start-up read is done, so it takes writes (`/ready` also wants W followers up,
+    which tests that make followers unreachable on purpose would never see)."""
+    return bool(app.state.node.ready)
 
 
 class ControlledTransport(httpx.AsyncBaseTransport):

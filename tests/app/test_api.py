@@ -325,3 +325,32 @@ async def test_asynchronous_writes_converge(cluster: InProcessCluster):
         )
 
     await eventually(converged)
+
+
+async def test_ready_needs_write_quorum_followers_reachable_and_health_stays_ok():
+    transports: list[ControlledTransport] = []
+
+    def wrap(i, app):
+        transports.append(ControlledTransport(app))
+        return transports[-1]
+
+    async with in_process_cluster(wrap=wrap, write_quorum=2) as cluster:
+        assert (await cluster.leader.get("/ready")).status_code == 200
+        for transport in transports[1:]:
+            transport.unreachable = True
+
+        async def unready() -> bool:
+            return (await cluster.leader.get("/ready")).status_code == 503
+
+        await eventually(unready, timeout=5, what="/ready turning 503")
+        body = (await cluster.leader.get("/ready")).json()
+        assert body["ready"] is False and (body["reachable"], body["write_quorum"]) == (1, 2)
+        assert body["reason"].startswith("only 1 of 3 followers are reachable")
+        assert (await cluster.leader.get("/health")).status_code == 200, "liveness is separate"
+        for transport in transports:
+            transport.unreachable = False
+
+        async def ready() -> bool:
+            return (await cluster.leader.get("/ready")).status_code == 200
+
+        await eventually(ready, timeout=5, what="/ready back to 200")

@@ -19,7 +19,8 @@ def heartbeat(progress: FollowerProgress, node: str, now: float, last_version: i
 
 def met(progress: FollowerProgress, node: str = "node-a", now: float = 0.0) -> None:
     """First contact: the pull of its entries (found in sync), then a heartbeat."""
-    assert progress.wants_pull(now) and progress.next_batch(now, 1) is None
+    assert progress.wants_pull(now)
+    assert progress.next_batch(now, 1) == [], "a heartbeat, but no data, before the pull"
     progress.handle_pulled(node, in_sync=True, now=now)
     heartbeat(progress, node, now)
 
@@ -44,6 +45,34 @@ def test_an_idle_follower_gets_a_heartbeat_every_half_second():
     assert progress.resyncs == 0, "first contact is not a resync"
 
 
+def test_a_heartbeat_goes_out_beside_a_batch_that_gets_no_answer():
+    """Failure detection does not wait for a stuck data batch's long timeout."""
+    progress = FollowerProgress(lambda: [])
+    batch = one_write_sent(progress, now=1.0)
+    assert progress.next_batch(1.2, 1) is None, "the batch is still within its heartbeat interval"
+    assert progress.next_wake(1.2, 1) == 1.5
+    beat = progress.next_batch(1.5, 1)
+    assert beat == [], "a heartbeat, though a batch is on the wire"
+    progress.sending(beat, 1.5)
+    assert progress.next_batch(1.9, 1) is None, "one heartbeat at a time"
+    progress.handle_failure(beat, 2.0, "no answer within 500 ms")
+    assert progress.state(2.0) == FollowerState.DOWN
+    assert progress.last_error == "no answer within 500 ms"
+    assert (progress.batches_in_flight, progress.entries_in_flight) == (1, 1), "the batch waits on"
+    progress.handle_success(batch, Confirmation("node-a", 1), 2.5)
+    assert progress.state(2.5) == FollowerState.UP, "the batch's answer brings it back"
+
+
+def test_a_heartbeats_round_trip_is_recorded():
+    progress = FollowerProgress(lambda: [])
+    met(progress)
+    beat = progress.next_batch(0.5, 1)
+    assert beat == []
+    progress.sending(beat, 0.5)
+    progress.handle_success(beat, Confirmation("node-a", 0), 0.503)
+    assert progress.heartbeat_rtt is not None and abs(progress.heartbeat_rtt - 0.003) < 1e-9
+
+
 def test_first_contact_pulls_before_sending_and_resyncs_only_if_out_of_sync():
     store = VersionedStore()
     store.put("a", 1)
@@ -52,7 +81,7 @@ def test_first_contact_pulls_before_sending_and_resyncs_only_if_out_of_sync():
     progress = FollowerProgress(store.entries)
     progress.queue(shipment(3))
     assert progress.state(0.0) == FollowerState.RESYNCING
-    assert progress.next_batch(0.0, 1) is None, "no data before its entries are merged"
+    assert progress.next_batch(0.0, 1) == [], "no data before its entries are merged"
     assert progress.wants_pull(0.0)
     progress.handle_pulled("a", in_sync=False, now=0.0)
     assert progress.resyncs == 1 and progress.pulls == 1
