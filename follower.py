@@ -16,11 +16,13 @@ from fastapi import APIRouter, FastAPI, Query, Request, Response
 
 from kv.follower.node import Refused
 from kv.follower.service import FollowerService
-from kv.settings import FollowerSettings, configure_logging, load_settings
+from kv.settings import FollowerSettings, load_settings
 from kv.web import internal
 from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
 from kv.web.limits import RejectLargeBodies
+from kv.web.logs import configure_logging, install_access_log
+from kv.web.metrics import METRICS_RESPONSES, FollowerCollector, metrics_response, registry_for
 from kv.web.reads import KEY_ROUTE, KeyPath, read_router
 from kv.web.schemas import (
     FollowerConfig,
@@ -44,7 +46,11 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         node.open()
-        log.info("follower %s ready; leader is %s", node.core.node_id[:8], settings.leader_url)
+        log.info(
+            "follower %s ready; leader is %s",
+            node.core.node_id[:8],
+            settings.leader_url or "not named (LEADER_URL is unset)",
+        )
         try:
             yield
         finally:
@@ -56,6 +62,7 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.node = node
+    app.state.metrics = registry_for(FollowerCollector(node))
     install_error_handlers(app)
     app.add_middleware(RejectLargeBodies, limit=BATCH_BYTES + settings.max_body_bytes)
     app.add_middleware(
@@ -63,6 +70,7 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         secret=settings.replication_secret,
         paths=frozenset({"/replicate", "/replicate/entries"}),
     )
+    install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node.storage.store, "follower", lambda: node.term))
     app.include_router(router)
     return app
@@ -161,6 +169,12 @@ async def health(request: Request) -> HealthResponse:
 async def ready(request: Request) -> ReadyResponse:
     """A follower is ready once it answers: it applies whatever a leader sends."""
     return ReadyResponse(ready=True, term=service(request).term)
+
+
+@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES, tags=["node"])
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics, read from the node's state at scrape time (see the README)."""
+    return metrics_response(request.app.state.metrics)
 
 
 @router.get("/", response_model=NodeInfo, tags=["node"])

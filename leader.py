@@ -26,12 +26,15 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from kv.core.records import Entry
+from kv.core.stats import WriteFailure
 from kv.leader.service import ClientFactory, LeaderNode
 from kv.network.delivery import Delivery, QuorumOutcome
-from kv.settings import LeaderSettings, configure_logging, load_settings
+from kv.settings import LeaderSettings, load_settings
 from kv.web import status, writes
 from kv.web.errors import install_error_handlers, key_not_found
 from kv.web.limits import RejectLargeBodies
+from kv.web.logs import configure_logging, install_access_log
+from kv.web.metrics import METRICS_RESPONSES, LeaderCollector, metrics_response, registry_for
 from kv.web.reads import KEY_ROUTE, NOT_FOUND, KeyPath, read_router
 from kv.web.schemas import HealthResponse, NodeInfo, ReadyResponse, ValueRequest, WriteRequest
 from kv.web.schemas import WriteResponse as Written
@@ -71,8 +74,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.node = node
+    app.state.metrics = registry_for(LeaderCollector(node))
     install_error_handlers(app)
     app.add_middleware(RejectLargeBodies, limit=settings.max_body_bytes)
+    install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node.store, "leader", lambda: node.term))
     app.include_router(router)
     return app
@@ -116,11 +121,18 @@ async def replicate(
     if reachable < required:
         timeout = 0  # fail fast: waiting cannot make down followers confirm
     outcome = await wait_for_quorum(futures, required, timeout)
+    latency_s = time.monotonic() - started_at
+    failure = writes.why_missed(outcome, reachable)
+    if failure is None:
+        node.write_stats.acknowledged(required, latency_s)
+    else:
+        node.write_stats.failed(failure)
     return writes.write_response(
         entry,
         outcome,
         term=node.term,
-        started_at=started_at,
+        latency_s=latency_s,
+        failure=failure,
         reachable=reachable,
         followers=len(settings.followers),
         max_queue=settings.max_replication_queue,
@@ -132,6 +144,7 @@ def ready_node(request: Request, w: int | None) -> LeaderNode:
     node: LeaderNode = request.app.state.node
     writes.check_quorum(w, len(node.settings.followers))
     if (reason := node.waiting_reason()) is not None:
+        node.write_stats.failed(WriteFailure.STARTING)
         raise HTTPException(503, reason)
     return node
 
@@ -208,6 +221,12 @@ async def ready(request: Request) -> JSONResponse:
     Liveness is `/health`."""
     body = status.leader_ready(request.app.state.node)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES, tags=["node"])
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics, read from the node's state at scrape time (see the README)."""
+    return metrics_response(request.app.state.metrics)
 
 
 @router.get("/", response_model=NodeInfo, tags=["node"])

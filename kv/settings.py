@@ -7,11 +7,10 @@ contract shared with docker-compose.yml, cluster.py and the tests.
 
 from __future__ import annotations
 
-import logging
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -31,9 +30,17 @@ DEVELOPMENT_SECRET = "dev-replication-secret"
 DEFAULT_WRITE_QUORUM = 3
 MIB = 1024 * 1024
 
-log = logging.getLogger("kvstore")
-
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["text", "json"]
+
+
+class AccessLogMode(StrEnum):
+    """ACCESS_LOG: the node logs its own requests; uvicorn's access log is always off."""
+
+    OFF = "off"
+    ON = "on"
+    SAMPLED = "sampled"
+    """Every 100th request, and every response with a 5xx status."""
 
 
 class NodeSettings(BaseSettings):
@@ -41,8 +48,14 @@ class NodeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
+    ROLE: ClassVar[str] = "node"
+
     replication_secret: str = Field(DEVELOPMENT_SECRET, min_length=1, repr=False)
     log_level: LogLevel = "INFO"
+    log_format: LogFormat = "text"
+    access_log: AccessLogMode = AccessLogMode.SAMPLED
+    # The name in every log line; unset: the role and the port from uvicorn's --port.
+    node_name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[\w.:@-]+$")
     max_value_bytes: int = Field(MIB, ge=1, le=64 * MIB)
     # Unset: memory only. Set: an append-only log there, replayed at start-up.
     data_dir: Path | None = None
@@ -53,10 +66,23 @@ class NodeSettings(BaseSettings):
     def _empty_data_dir_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("appendfsync", mode="before")
+    @field_validator("appendfsync", "log_format", "access_log", mode="before")
     @classmethod
-    def _lower_policy(cls, value: object) -> object:
+    def _lower_choice(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("node_name", mode="before")
+    @classmethod
+    def _empty_name_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def name(self) -> str:
+        """NODE_NAME, else the role and the port uvicorn was told to listen on."""
+        if self.node_name:
+            return self.node_name
+        port = port_from_argv(sys.argv)
+        return f"{self.ROLE}:{port}" if port else self.ROLE
 
     @property
     def max_body_bytes(self) -> int:
@@ -74,6 +100,8 @@ class NodeSettings(BaseSettings):
 
 
 class FollowerSettings(NodeSettings):
+    ROLE: ClassVar[str] = "follower"
+
     leader_url: str | None = None
 
     @field_validator("leader_url", mode="before")
@@ -85,6 +113,8 @@ class FollowerSettings(NodeSettings):
 
 
 class LeaderSettings(NodeSettings):
+    ROLE: ClassVar[str] = "leader"
+
     followers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # None means "not set": the default of 3, capped at the number of followers.
     write_quorum: int | None = Field(None, ge=0)
@@ -190,16 +220,11 @@ def load_settings(cls: type[SettingsT]) -> SettingsT:
         raise SystemExit(2) from None
 
 
-def configure_logging(settings: NodeSettings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    log.setLevel(settings.log_level)
-    # httpx logs every request at INFO: one line per replicated batch is noise, and costs CPU.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    if settings.uses_development_secret:
-        log.warning(
-            "REPLICATION_SECRET is the development value; set your own before "
-            "exposing this node to any network"
-        )
+def port_from_argv(argv: list[str]) -> str | None:
+    """The value of `--port N` or `--port=N`, as uvicorn's command line takes it."""
+    for i, arg in enumerate(argv):
+        if arg == "--port" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--port="):
+            return arg.removeprefix("--port=")
+    return None

@@ -142,7 +142,7 @@ class Node:
         command = [
             sys.executable, "-m", "uvicorn", f"{self.role}:app",
             "--host", HOST, "--port", str(self.port),
-            "--no-access-log", "--log-level", "warning",
+            "--log-level", "warning",
         ]  # fmt: skip
         # Without a log file the node writes to the launcher's terminal.
         output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
@@ -227,7 +227,12 @@ class LocalCluster:
             Node(
                 "follower",
                 port,
-                {**common, "LEADER_URL": leader_url, **self._data(f"follower{i + 1}")},
+                {
+                    **common,
+                    "NODE_NAME": f"follower{i + 1}",
+                    "LEADER_URL": leader_url,
+                    **self._data(f"follower{i + 1}"),
+                },
                 self._log("follower", i + 1),
                 cwd=self.root,
             )
@@ -235,6 +240,7 @@ class LocalCluster:
         ]
         leader_env = {
             **common,
+            "NODE_NAME": "leader",
             **self._data("leader"),
             "FOLLOWERS": ",".join(node.url for node in followers),
             "MIN_DELAY_MS": f"{self.min_delay_ms:g}",

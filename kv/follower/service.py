@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from kv.core.records import Entry
+from kv.core.stats import ApplyStats
 from kv.follower.node import Applied, FollowerCore, Page, Refused
 from kv.settings import FollowerSettings
 from kv.storage.log import Storage
@@ -19,6 +20,7 @@ class FollowerService:
         self.settings = settings
         self.storage = Storage(settings.data_dir, settings.appendfsync)
         self.core = FollowerCore(self.storage.store)
+        self.stats = ApplyStats()
 
     @property
     def term(self) -> int:
@@ -39,7 +41,14 @@ class FollowerService:
         APPENDFSYNC=always), so a confirmation survives this follower's crash."""
         outcome = self.core.handle_replicate(term, leader_id, entries)
         if isinstance(outcome, Refused):
+            self.stats.refused_batches += 1
             return outcome
+        if entries:
+            self.stats.batches += 1
+        else:
+            self.stats.heartbeats += 1
+        self.stats.applied += len(outcome.applied)
+        self.stats.stale += outcome.stale
         if outcome.term_changed:
             self._save_term()
             log.info(

@@ -19,6 +19,7 @@ import httpx
 from kv.core.outbox import DelayModel
 from kv.core.progress import FollowerProgress
 from kv.core.records import Entry
+from kv.core.stats import WriteStats
 from kv.leader.node import LeaderCore
 from kv.network.delivery import Delivery, FollowerLink, Replicator, follower_client
 from kv.settings import LeaderSettings
@@ -58,6 +59,7 @@ class LeaderNode(LeaderCore):
         self.replicator = Replicator([])
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
+        self.write_stats = WriteStats()
         self._startup_task: asyncio.Task[None] | None = None
 
     def open(self, clients: dict[str, httpx.AsyncClient]) -> None:

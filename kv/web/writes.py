@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse, Response
 
 from kv.core.records import Entry, encode_json
+from kv.core.stats import WriteFailure
 from kv.network.delivery import OVERFLOWED, Delivery, QuorumOutcome
 from kv.web.errors import value_too_large
 from kv.web.schemas import DeliveryReport, ErrorResponse, QuorumError
@@ -51,27 +51,39 @@ def delivery_report(delivery: Delivery) -> dict[str, Any]:
     return report
 
 
+def why_missed(outcome: QuorumOutcome, reachable: int) -> WriteFailure | None:
+    """Why the quorum was missed, or None if it was reached."""
+    if outcome.reached:
+        return None
+    if any(d.error == OVERFLOWED for d in outcome.deliveries):
+        return WriteFailure.OVERFLOW
+    if reachable < outcome.required:
+        return WriteFailure.UNREACHABLE
+    return WriteFailure.NOT_IN_TIME
+
+
 def write_response(
     entry: Entry,
     outcome: QuorumOutcome,
     *,
     term: int,
-    started_at: float,
+    latency_s: float,
+    failure: WriteFailure | None,
     reachable: int,
     followers: int,
     max_queue: int,
 ) -> Response:
     """200 with the write and its deliveries, or 503 saying why the quorum was missed."""
-    latency_ms = round((time.monotonic() - started_at) * 1000, 3)
+    latency_ms = round(latency_s * 1000, 3)
     reports = [delivery_report(d) for d in outcome.deliveries]
-    if not outcome.reached:
-        overflowed = sum(1 for d in outcome.deliveries if d.error == OVERFLOWED)
-        if overflowed:
+    if failure is not None:
+        if failure is WriteFailure.OVERFLOW:
+            overflowed = sum(1 for d in outcome.deliveries if d.error == OVERFLOWED)
             why = (
                 f"{overflowed} follower(s) had failed to take MAX_REPLICATION_QUEUE={max_queue} "
                 "entries, so their queue was replaced by a snapshot resync"
             )
-        elif reachable < outcome.required:
+        elif failure is WriteFailure.UNREACHABLE:
             why = f"only {reachable} of {followers} followers are reachable"
         else:
             why = "not in time"
