@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi_offline import FastAPIOffline
 
 from kv.follower.node import Refused
 from kv.follower.service import FollowerService
@@ -56,7 +57,7 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         finally:
             await node.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load their scripts from this node, not a CDN
         title="Replicated KV store: follower",
         summary="Applies the leader's versioned entries and serves reads.",
         lifespan=lifespan,

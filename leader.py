@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from kv.core.records import Entry
 from kv.core.stats import WriteFailure
@@ -68,7 +69,7 @@ def create_app(
         finally:
             await node.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load their scripts from this node, not a CDN
         title="Replicated KV store: leader",
         summary="Accepts writes, versions them and replicates them to a quorum of followers.",
         lifespan=lifespan,

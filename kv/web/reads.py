@@ -6,11 +6,19 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
+from fastapi.responses import JSONResponse
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from kv.core.store import VersionedStore
-from kv.web.errors import key_not_found
-from kv.web.schemas import MAX_KEY_LENGTH, ErrorResponse, KeyList, KeyValue, Role, StateResponse
+from kv.web.schemas import (
+    MAX_KEY_LENGTH,
+    ErrorResponse,
+    KeyList,
+    KeyNotFound,
+    KeyValue,
+    Role,
+    StateResponse,
+)
 
 
 class KeyConvertor(PathConvertor):
@@ -38,6 +46,19 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 
+def not_found_here(key: str, role: Role, last_version: int) -> JSONResponse:
+    """404, with the node's last_version: on a follower, absent may only mean "not yet"."""
+    message = f"key {key!r} not found"
+    if role == "follower":
+        message += (
+            f" on this follower, which holds versions up to {last_version}; a follower applies "
+            "a write after the leader acknowledged it, so it may not have it yet: read from "
+            "the leader, or retry"
+        )
+    body = KeyNotFound(error=message, last_version=last_version)
+    return JSONResponse(body.model_dump(), status_code=404)
+
+
 def read_router(store: VersionedStore, role: Role, term: Callable[[], int]) -> APIRouter:
     """`GET /keys/{key}`, `GET /keys` and `GET /state`, served by every node from its own store."""
     router = APIRouter(tags=["reads"])
@@ -50,13 +71,13 @@ def read_router(store: VersionedStore, role: Role, term: Callable[[], int]) -> A
     @router.get(
         KEY_ROUTE,
         response_model=KeyValue,
-        responses=NOT_FOUND,
+        responses={404: {"model": KeyNotFound, "description": "Absent or deleted, on this node."}},
         summary="Read one key",
     )
-    async def read_key(key: KeyPath) -> KeyValue:
+    async def read_key(key: KeyPath) -> Any:
         entry = store.get(key)
         if entry is None:
-            raise key_not_found(key)
+            return not_found_here(key, role, store.last_version)
         return KeyValue(key=entry.key, value=entry.value, version=entry.version)
 
     @router.get(

@@ -80,6 +80,14 @@ class ErrorResponse(BaseModel):
     detail: Any = None
 
 
+class KeyNotFound(ErrorResponse):
+    last_version: int = Field(
+        description="The newest version this node holds. A follower applies a write after the "
+        "leader has acknowledged it (semi-synchronous replication), so a follower whose "
+        "last_version is below your write's version has not seen it yet."
+    )
+
+
 class KeyValue(BaseModel):
     key: str
     value: Any

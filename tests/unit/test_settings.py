@@ -47,6 +47,10 @@ def test_unset_quorum_is_capped_at_the_number_of_followers():
         ({"FOLLOWERS": "a:1,a:1"}, "FOLLOWERS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"REPLICATION_SECRET": ""}, "REPLICATION_SECRET"),
+        ({"HEARTBEAT_TIMEOUT_MS": "0"}, "HEARTBEAT_TIMEOUT_MS"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"ACCESS_LOG": "sometimes"}, "ACCESS_LOG"),
+        ({"NODE_NAME": "has spaces"}, "NODE_NAME"),
     ],
 )
 def test_bad_values_name_the_variable(
