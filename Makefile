@@ -1,21 +1,32 @@
-# Each target creates .venv and installs the pinned requirements once; it
-# re-installs only when a requirements file changes.
+# `make run` installs only what the service and the cluster launcher need (the part of
+# requirements.txt above its marker line, as the Dockerfile does); `make test`, `make lint`
+# and the rest install everything. Each installs once, and again only when a requirements
+# file changes. pip shows its progress as it goes.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+SERVICE_STAMP := $(VENV)/.installed-service
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test unit app system integration nemesis lint format analysis clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(PY):
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	@touch $(STAMP)
+
+$(SERVICE_STAMP): requirements.txt | $(PY)
+	@echo "== installing the service's packages into $(VENV) (once; make test adds the test tools)"
+	@sed '/^# -- not in the image/,$$d' requirements.txt > $(VENV)/service-requirements.txt
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -r $(VENV)/service-requirements.txt
+	@touch $@
+
+$(STAMP): requirements.txt requirements-dev.txt $(SERVICE_STAMP)
+	@echo "== installing the test, study and lint tools into $(VENV) (once)"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements-dev.txt
+	@touch $@
 
 ## run: start a local cluster (leader on 8000, five followers on 8001-8005)
-run: $(STAMP)
+run: $(SERVICE_STAMP)
 	$(PY) tools/cluster.py $(ARGS)
 
 ## test: the whole suite: unit tests, then the integration suite against a local cluster
