@@ -5,16 +5,20 @@
     python benchmarks/throughput.py --profile       # also py-spy's top entries in the leader
     python benchmarks/throughput.py --baseline HEAD~3   # and that commit's code, side by side
 
-It starts a local cluster (5 followers, zero simulated delay, access logs off,
+It starts a local cluster (5 followers, zero simulated delay, LOG_LEVEL=WARNING,
 uvloop and httptools) and a bare FastAPI POST endpoint under the same uvicorn
-settings, then drives each with wrk (Debian's `wrk` package) and `write.lua`:
-one wrk thread, --connections keep-alive connections. Rounds interleave the
-targets, so a noisy neighbour hits them all alike, and the table reports the
-median over rounds. wrk's own CPU use is reported, to show the load generator is
-not the bottleneck. With --baseline REF, the code at that git ref (checked out in
-a temporary worktree) runs as a second cluster in the same rounds, so a change is
-measured against what it changed under the same noise. Sequential latency (one
-write at a time on one connection) comes from the lean client in loadgen.py.
+settings, plus a second cluster launched exactly as the README says
+(`python -m uvicorn leader:app --port N`, every setting at its default: uvicorn's
+INFO logging, the app's default ACCESS_LOG), measured at W=3 as "plain W=3", so
+the speed a new user gets is reported beside the tuned one. It drives each with
+wrk (Debian's `wrk` package) and `write.lua`: one wrk thread, --connections
+keep-alive connections. Rounds interleave the targets, so a noisy neighbour hits
+them all alike, and the table reports the median over rounds. wrk's own CPU use
+is reported, to show the load generator is not the bottleneck. With --baseline
+REF, the code at that git ref (checked out in a temporary worktree) runs as a
+second cluster in the same rounds, so a change is measured against what it
+changed under the same noise. Sequential latency (one write at a time on one
+connection) comes from the lean client in loadgen.py.
 Numbers are printed, never asserted.
 """
 
@@ -38,7 +42,14 @@ sys.path.insert(0, str(HERE.parent))
 
 from sequential import measure  # noqa: E402  (beside this script)
 
-from tools.cluster import HOST, LocalCluster, Node, free_port, wait_healthy  # noqa: E402
+from tools.cluster import (  # noqa: E402
+    HOST,
+    QUIET_UVICORN,
+    LocalCluster,
+    Node,
+    free_port,
+    wait_healthy,
+)
 from tools.study import percentile  # noqa: E402
 
 
@@ -137,6 +148,9 @@ def main() -> int:
     parser.add_argument(
         "--baseline", metavar="REF", help="also run this git ref's code, side by side"
     )
+    parser.add_argument(
+        "--no-plain", action="store_true", help="skip the cluster launched as the README says"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk (Debian's package)", file=sys.stderr)
@@ -147,10 +161,11 @@ def main() -> int:
         clusters = {"": cluster_at(HERE.parent, Path(logs) / "new", quiet)}
         if base is not None:
             clusters["base "] = cluster_at(base, Path(logs) / "base", quiet)
+        plain = None if args.no_plain else cluster_at(HERE.parent, Path(logs) / "plain", {}, ())
         bare = Node("bare_fastapi", free_port(), quiet, Path(logs) / "bare.log", cwd=HERE)
         bare.start()
         try:
-            for cluster in clusters.values():
+            for cluster in [*clusters.values(), *([plain] if plain else [])]:
                 cluster.start()
             wait_healthy([f"http://{HOST}:{bare.port}"], 30)
             targets = {"ceiling": f"http://{HOST}:{bare.port}/keys"}
@@ -158,6 +173,8 @@ def main() -> int:
                 targets |= {
                     f"{label}W={w}": f"{cluster.leader_url}/keys?w={w}" for w in args.quorums
                 }
+            if plain is not None:
+                targets["plain W=3"] = f"{plain.leader_url}/keys?w=3"
             print(
                 f"5 followers, zero delay; wrk -t1 -c{args.connections}, {args.duration:g} s per "
                 f"run, {args.rounds} round(s)"
@@ -188,7 +205,16 @@ def main() -> int:
                 for label, c in clusters.items()
                 for w in args.quorums
             }
+            if plain is not None:
+                seq["plain W=3"] = asyncio.run(
+                    sequential(plain.leader_url, 3, args.sequential_writes)
+                )
             report(results, seq, [name for name in targets if name != "ceiling"])
+            if plain is not None and "W=3" in results:
+                tuned = statistics.median(r.writes_per_s for r in results["W=3"])
+                documented = statistics.median(r.writes_per_s for r in results["plain W=3"])
+                print(f"\nlaunched as the README says, at W=3: {documented:,.0f} writes/s, "
+                      f"{documented / tuned:.2f} of the tuned launch ({tuned:,.0f})")  # fmt: skip
             if base is not None:
                 print("\nthis code against the baseline (median writes/s, ratio):")
                 for w in args.quorums:
@@ -198,13 +224,15 @@ def main() -> int:
             if args.profile:
                 profile_leader(clusters[""], args.duration, args.connections, top=5)
         finally:
-            for cluster in clusters.values():
+            for cluster in [*clusters.values(), *([plain] if plain else [])]:
                 cluster.stop()
             bare.stop()
     return 0
 
 
-def cluster_at(root: Path, logs: Path, env: dict[str, str]) -> LocalCluster:
+def cluster_at(
+    root: Path, logs: Path, env: dict[str, str], uvicorn_args: tuple[str, ...] = QUIET_UVICORN
+) -> LocalCluster:
     return LocalCluster(
         followers=5,
         min_delay_ms=0,
@@ -213,6 +241,7 @@ def cluster_at(root: Path, logs: Path, env: dict[str, str]) -> LocalCluster:
         extra_env=env,
         log_dir=logs,
         root=root,
+        uvicorn_args=uvicorn_args,
     )
 
 

@@ -32,6 +32,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 HOST = "127.0.0.1"
+QUIET_UVICORN = ("--no-access-log", "--log-level", "warning")
+"""uvicorn's own lines at WARNING and up; the nodes' logs (LOG_LEVEL) are unaffected."""
 
 
 def free_port() -> int:
@@ -128,6 +130,8 @@ class Node:
     env: dict[str, str]
     log_path: Path | None = None
     cwd: Path = ROOT
+    # uvicorn's options after the app, host and port; () is the README's plain launch.
+    uvicorn_args: tuple[str, ...] = QUIET_UVICORN
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -141,8 +145,7 @@ class Node:
     def start(self) -> None:
         command = [
             sys.executable, "-m", "uvicorn", f"{self.role}:app",
-            "--host", HOST, "--port", str(self.port),
-            "--log-level", "warning",
+            "--host", HOST, "--port", str(self.port), *self.uvicorn_args,
         ]  # fmt: skip
         # Without a log file the node writes to the launcher's terminal.
         output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
@@ -204,6 +207,7 @@ class LocalCluster:
     data_dir: Path | None = None
     # The checkout whose leader.py and follower.py run (benchmarks compare two).
     root: Path = ROOT
+    uvicorn_args: tuple[str, ...] = QUIET_UVICORN
     nodes: list[Node] = field(default_factory=list, init=False)
 
     def _ports(self) -> list[int]:
@@ -235,6 +239,7 @@ class LocalCluster:
                 },
                 self._log("follower", i + 1),
                 cwd=self.root,
+                uvicorn_args=self.uvicorn_args,
             )
             for i, port in enumerate(follower_ports)
         ]
@@ -251,7 +256,14 @@ class LocalCluster:
         if self.timeout_ms is not None:
             leader_env["REPLICATION_TIMEOUT_MS"] = f"{self.timeout_ms:g}"
         self.nodes = [
-            Node("leader", leader_port, leader_env, self._log("leader", 0), cwd=self.root),
+            Node(
+                "leader",
+                leader_port,
+                leader_env,
+                self._log("leader", 0),
+                cwd=self.root,
+                uvicorn_args=self.uvicorn_args,
+            ),
             *followers,
         ]
         try:
