@@ -184,6 +184,7 @@ async def info(request: Request) -> NodeInfo:
     return NodeInfo(
         role="follower",
         config=FollowerConfig(
+            node_name=settings.name,
             leader_url=settings.leader_url,
             max_value_bytes=settings.max_value_bytes,
             data_dir=str(settings.data_dir) if settings.data_dir else None,

@@ -1,13 +1,20 @@
 """The quorum-versus-latency study: one command, any cluster, a plot and a consistency verdict.
 
     python performance_analysis.py                       # the lab's study, 100 writes per quorum
+    python performance_analysis.py --local               # always on a private cluster
     python performance_analysis.py --writes 1000         # tighter means
     python performance_analysis.py --quick               # a smoke run in seconds
+    python performance_analysis.py --leader http://127.0.0.1:8000   # followers from its GET /
     python performance_analysis.py --leader http://127.0.0.1:8000 \\
         --followers http://127.0.0.1:8001,http://127.0.0.1:8002,...
 
-If no cluster answers at --leader, it starts its own local cluster with the lab's
-settings (5 followers, MIN_DELAY_MS=0, MAX_DELAY_MS=1000) and stops it afterwards.
+Which cluster it measures, always said on its first line:
+  --local             a private cluster it starts on free ports with the lab's settings
+                      (5 followers, MIN_DELAY_MS=0, MAX_DELAY_MS=1000), stopped afterwards;
+  --leader URL        that leader, which must answer; its followers are the ones it names
+                      in GET / unless --followers says how to reach them from here;
+  neither             the leader on 127.0.0.1:8000 if one answers there (`make run`),
+                      otherwise a private cluster, as with --local.
 Each quorum runs against the same cluster through the per-request `w`, so nothing
 restarts between them.
 
@@ -34,7 +41,7 @@ from typing import Any
 import httpx
 
 from kv.core.outbox import DelayModel
-from tools.cluster import LocalCluster, wait_healthy
+from tools.cluster import LocalCluster
 from tools.loadgen import ConnectionPool
 from tools.study import (
     ProgressBar,
@@ -49,15 +56,23 @@ from tools.study import (
 # The lab's settings, for the cluster this script starts when none is running.
 LAB_FOLLOWERS, LAB_MIN_DELAY_MS, LAB_MAX_DELAY_MS = 5, 0.0, 1000.0
 DEFAULT_LEADER = "http://127.0.0.1:8000"
-DEFAULT_FOLLOWERS = ",".join(f"http://127.0.0.1:{8001 + i}" for i in range(5))
 WARMUP_WRITES = 5
 
 
+class ClusterError(Exception):
+    """The cluster named on the command line cannot be measured; the message says why."""
+
+
 async def run_quorum(
-    pool: ConnectionPool, quorum: int, writes: int, concurrency: int, keys: int
+    pool: ConnectionPool,
+    quorum: int,
+    writes: int,
+    concurrency: int,
+    keys: int,
+    label: str | None = None,
 ) -> list[WriteResult]:
     limit = asyncio.Semaphore(concurrency)
-    progress = ProgressBar(writes, f"W={quorum}")
+    progress = ProgressBar(writes, label or f"W={quorum}")
 
     async def write(index: int) -> WriteResult:
         key = f"perf-key-{index % keys}"
@@ -140,16 +155,48 @@ def cluster_answers(leader: str) -> bool:
         return False
 
 
+def followers_of(leader: str, given: str | None) -> list[str]:
+    """The followers to check for convergence: `given`, or those the leader names in GET /.
+    Each must answer from here."""
+    try:
+        info = httpx.get(f"{leader}/", timeout=5.0, trust_env=False).json()
+    except (httpx.HTTPError, ValueError) as error:
+        raise ClusterError(f"{leader} did not describe itself at GET / ({error})") from None
+    if info.get("role") != "leader":
+        raise ClusterError(f"{leader} is a {info.get('role', 'unknown node')}, not a leader")
+    followers = given.split(",") if given else list(info["config"]["followers"])
+    silent = [url for url in followers if not cluster_answers(url)]
+    if silent:
+        how = "--followers" if given else "the leader's GET / (pass --followers to override)"
+        raise ClusterError(
+            f"follower(s) {', '.join(silent)} from {how} do not answer from here; with docker "
+            "compose, pass the published ports: --followers "
+            "http://127.0.0.1:8001,...,http://127.0.0.1:8005"
+        )
+    return followers
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--leader", default=DEFAULT_LEADER, help="leader URL (default %(default)s)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--local",
+        action="store_true",
+        help="start a private cluster on free ports with the lab's settings, and stop it after",
+    )
+    where.add_argument(
+        "--leader",
+        default=None,
+        help=f"measure the cluster of this leader (default: {DEFAULT_LEADER} if it answers, "
+        "else a private cluster)",
+    )
     parser.add_argument(
         "--followers",
         default=None,
         help="comma-separated follower URLs as reachable from here "
-        "(default: 127.0.0.1:8001-8005, or those of the cluster this script starts)",
+        "(default: those the leader names in GET /)",
     )
     parser.add_argument("--writes", type=int, default=100, help="writes per quorum (100)")
     parser.add_argument("--concurrency", type=int, default=10, help="writes in flight (10)")
@@ -200,7 +247,10 @@ async def study(args: argparse.Namespace, leader: str, followers: list[str]) -> 
             f"{args.writes} writes per quorum, {args.concurrency} in flight, {args.keys} keys",
             file=sys.stderr,
         )
-        await run_quorum(pool, max(quorums), WARMUP_WRITES, args.concurrency, args.keys)
+        # Opens the pool's connections and warms both ends; not measured, not in the results.
+        await run_quorum(
+            pool, max(quorums), WARMUP_WRITES, args.concurrency, args.keys, "warm-up (discarded)"
+        )
 
         results: list[WriteResult] = []
         summaries: list[QuorumSummary] = []
@@ -243,15 +293,11 @@ async def study(args: argparse.Namespace, leader: str, followers: list[str]) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     local: LocalCluster | None = None
-    leader = args.leader.rstrip("/")
-    followers = args.followers.split(",") if args.followers else None
     try:
-        if cluster_answers(leader):
-            if followers is None:
-                followers = DEFAULT_FOLLOWERS.split(",")
-            wait_healthy(followers, 5)
-        else:
-            print(f"no cluster answers at {leader}; starting a local one", file=sys.stderr)
+        leader = (args.leader or DEFAULT_LEADER).rstrip("/")
+        if args.local or (args.leader is None and not cluster_answers(leader)):
+            reason = "--local" if args.local else f"no cluster answers at {leader}"
+            print(f"{reason}: starting a private cluster on free ports", file=sys.stderr)
             local = LocalCluster(
                 followers=LAB_FOLLOWERS,
                 min_delay_ms=LAB_MIN_DELAY_MS,
@@ -261,11 +307,19 @@ def main(argv: list[str] | None = None) -> int:
             )
             local.start()
             leader, followers = local.leader_url, local.follower_urls
+        else:
+            if not cluster_answers(leader):
+                raise ClusterError(
+                    f"no leader answers at {leader}; start one (make run) or pass --local"
+                )
+            followers = followers_of(leader, args.followers)
+            print(f"measuring the running cluster at {leader} ({len(followers)} followers)",
+                  file=sys.stderr)  # fmt: skip
         return asyncio.run(study(args, leader, followers))
     except KeyboardInterrupt:
         print("\ninterrupted; nothing written", file=sys.stderr)
         return 130
-    except (TimeoutError, RuntimeError, httpx.HTTPError) as error:
+    except (ClusterError, TimeoutError, RuntimeError, httpx.HTTPError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:

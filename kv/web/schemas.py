@@ -175,6 +175,7 @@ class ReadyResponse(BaseModel):
 
 
 class LeaderConfig(BaseModel):
+    node_name: str = Field(description="NODE_NAME: the name in this node's log lines.")
     followers: list[str]
     write_quorum: int
     startup_quorum: int
@@ -192,6 +193,7 @@ class LeaderConfig(BaseModel):
 
 
 class FollowerConfig(BaseModel):
+    node_name: str = Field(description="NODE_NAME: the name in this node's log lines.")
     leader_url: str | None
     max_value_bytes: int
     data_dir: str | None

@@ -58,6 +58,7 @@ def leader_info(node: LeaderNode) -> NodeInfo:
     return NodeInfo(
         role="leader",
         config=LeaderConfig(
+            node_name=settings.name,
             followers=settings.followers,
             write_quorum=settings.quorum,
             startup_quorum=node.startup.quorum,

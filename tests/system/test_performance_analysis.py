@@ -36,11 +36,8 @@ def test_a_quick_run_writes_every_output_and_a_consistency_verdict(
     assert "ovh50" in printed and "consistent" in printed
 
 
-def test_with_no_cluster_running_it_starts_the_labs_own_and_stops_it(tmp_path: Path):
-    nobody = f"http://127.0.0.1:{free_port()}"
-    status = pa.main(
-        ["--leader", nobody, "--quick", "--writes", "10", "--out", str(tmp_path / "out")]
-    )
+def test_local_starts_the_labs_own_cluster_and_stops_it(tmp_path: Path):
+    status = pa.main(["--local", "--quick", "--writes", "10", "--out", str(tmp_path / "out")])
     assert status == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     settings = summary["settings"]
@@ -51,3 +48,27 @@ def test_with_no_cluster_running_it_starts_the_labs_own_and_stops_it(tmp_path: P
     )
     assert [q["quorum"] for q in summary["quorums"]] == [1, 2, 3, 4, 5]
     assert not pa.cluster_answers(settings["leader"]), "the script stops the cluster it started"
+
+
+def test_leader_alone_takes_its_followers_from_the_leader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    with LocalCluster(followers=2, max_delay_ms=20, base_port=0) as c:
+        status = pa.main(
+            ["--leader", c.leader_url, "--quick", "--writes", "5", "--out", str(tmp_path)]
+        )
+    assert status == 0
+    captured = capsys.readouterr()
+    assert f"measuring the running cluster at {c.leader_url} (2 followers)" in captured.err
+    assert "warm-up (discarded)" in captured.err
+    for url in c.follower_urls:
+        assert url in captured.out, "each follower's consistency verdict"
+
+
+def test_a_leader_that_does_not_answer_is_an_error_not_a_silent_substitute(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    nobody = f"http://127.0.0.1:{free_port()}"
+    assert pa.main(["--leader", nobody, "--quick", "--out", str(tmp_path)]) == 1
+    assert f"no leader answers at {nobody}" in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists()
