@@ -546,7 +546,8 @@ def describe(exc: BaseException, timeout: float = PAGE_TIMEOUT_S) -> str:
     """What went wrong, in the words an operator reads in /health: "no answer within 500 ms"."""
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return describe_timeout(exc, timeout)
-    if isinstance(exc, httpx.ConnectError) and "refused" in str(exc).lower():
+    refused = isinstance(exc.__cause__, ConnectionRefusedError) or "refused" in str(exc).lower()
+    if isinstance(exc, httpx.ConnectError) and refused:
         return "connection refused: is the follower running?"
     if str(exc) and str(exc) != type(exc).__name__:
         return f"{type(exc).__name__}: {exc}"

@@ -130,6 +130,19 @@ async def test_an_idle_clusters_counters_mean_what_they_say(client):
             assert replica["state"] == "up" and replica["heartbeat_rtt_ms"] > 0
 
 
+async def test_a_stopped_follower_is_down_with_connection_refused(client):
+    with LocalCluster(followers=2, quorum=1, max_delay_ms=0, base_port=0) as small:
+        small.kill_follower(1)
+
+        async def seen_down() -> bool:
+            replica = (await client.get(f"{small.leader_url}/health")).json()["replicas"][1]
+            return replica["state"] == "down"
+
+        await eventually(seen_down, 3, "the killed follower seen down")
+        replica = (await client.get(f"{small.leader_url}/health")).json()["replicas"][1]
+        assert replica["last_error"] == "connection refused: is the follower running?"
+
+
 @pytest.fixture
 def prometheus(cluster: LocalCluster, tmp_path: Path) -> Iterator[str]:
     """A real Prometheus server on a free loopback port, scraping this cluster every second

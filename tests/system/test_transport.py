@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kv.network.delivery import describe
 from kv.network.transport import KeepAliveTransport
 from kv.settings import DEVELOPMENT_SECRET
 from kv.web.auth import SECRET_HEADER
@@ -50,8 +51,9 @@ async def test_requests_and_keep_alive(follower: Node):
 
 async def test_refused_connection_is_an_httpx_connect_error():
     async with client_for(f"http://127.0.0.1:{free_port()}") as client:
-        with pytest.raises(httpx.ConnectError):
+        with pytest.raises(httpx.ConnectError) as raised:
             await client.get("/health")
+    assert describe(raised.value) == "connection refused: is the follower running?"
 
 
 async def test_a_frozen_peer_is_a_read_timeout_and_the_connection_recovers(follower: Node):
