@@ -40,7 +40,7 @@ class AccessLogMode(StrEnum):
     OFF = "off"
     ON = "on"
     SAMPLED = "sampled"
-    """Every 100th request, and every response with a 5xx status."""
+    """Every 100th request, and every 5xx answer except a probe's (`/ready` 503)."""
 
 
 class NodeSettings(BaseSettings):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,9 +38,33 @@ QUIET_UVICORN = ("--no-access-log", "--log-level", "warning")
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range.
+
+    Port 0 would hand out one from the ephemeral range, which outgoing connections also
+    use: a leader connecting to its followers during its start-up (before uvicorn binds)
+    could take its own chosen port and fail to bind ("address already in use"). Ports below
+    that range are never given to outgoing connections.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = _random.randrange(10_000, low) if low > 11_000 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise RuntimeError("no free port found below the ephemeral range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # unknown: fall back to the kernel's choice
+
+
+_random = random.SystemRandom()
 
 
 def ensure_free(ports: list[int]) -> None:

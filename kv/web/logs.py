@@ -8,7 +8,7 @@ node's name, uvicorn's own lines included (its loggers are pointed at that handl
 uvicorn's access log formats a line per request even at 2,000 requests a second: launched
 as the README says, the leader measured 1,219 writes/s with it against 2,688 without. The
 app therefore turns it off and logs requests itself (ACCESS_LOG): `sampled` (the default)
-writes every 100th request and every 5xx, `on` every request, `off` none.
+writes every 100th request and every 5xx (but a probe's 503), `on` every request, `off` none.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from kv.settings import AccessLogMode, NodeSettings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(node)s] %(name)s: %(message)s"
 SAMPLE_EVERY = 100
+PROBES = frozenset({"/health", "/ready", "/metrics"})
+"""A 503 from /ready is an answer, not a failure: probes are only sampled."""
 
 access_log = logging.getLogger("kvstore.access")
 
@@ -112,7 +114,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_and_note_status)
         finally:
-            if sampled or status >= 500:
+            if sampled or (status >= 500 and scope["path"] not in PROBES):
                 client = scope.get("client")
                 access_log.info(
                     '%s "%s %s" %d %.1f ms',
