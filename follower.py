@@ -34,6 +34,7 @@ from kv.web.schemas import (
     ReplicateRequest,
     ReplicateResponse,
 )
+from kv.web.watch import watch_router
 
 log = logging.getLogger("kvstore.follower")
 BATCH_BYTES = 4 * 1024 * 1024  # one batch holds at most 4 MiB of entries, or one larger entry
@@ -72,7 +73,8 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         paths=frozenset({"/replicate", "/replicate/entries"}),
     )
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
-    app.include_router(read_router(node.storage.store, "follower", lambda: node.term))
+    app.include_router(read_router(node, "follower"))
+    app.include_router(watch_router(node))
     app.include_router(router)
     return app
 
@@ -99,7 +101,9 @@ async def replicate(request: Request, body: ReplicateRequest) -> Response:
     or a newer one; a repeat is harmless.
     """
     node = service(request)
-    outcome = await node.replicate(body.term, body.leader_id, internal.entries_of(body))
+    outcome = await node.replicate(
+        body.term, body.leader_id, internal.entries_of(body), body.through, body.node_id
+    )
     if isinstance(outcome, Refused):
         return internal.refused(outcome)
     return internal.confirmation(

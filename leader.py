@@ -28,6 +28,8 @@ from fastapi_offline import FastAPIOffline
 
 from kv.core.records import Entry
 from kv.core.stats import WriteFailure
+from kv.core.store import VersionMismatch
+from kv.leader.node import ANY, Expected
 from kv.leader.service import ClientFactory, LeaderNode
 from kv.network.delivery import Delivery, QuorumOutcome
 from kv.settings import LeaderSettings, load_settings
@@ -39,6 +41,7 @@ from kv.web.metrics import METRICS_RESPONSES, LeaderCollector, metrics_response,
 from kv.web.reads import KEY_ROUTE, NOT_FOUND, KeyPath, read_router
 from kv.web.schemas import HealthResponse, NodeInfo, ReadyResponse, ValueRequest, WriteRequest
 from kv.web.schemas import WriteResponse as Written
+from kv.web.watch import watch_router
 
 Quorum = Annotated[
     int | None, Query(ge=0, description="Followers that must confirm; default WRITE_QUORUM.")
@@ -79,7 +82,8 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(RejectLargeBodies, limit=settings.max_body_bytes)
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
-    app.include_router(read_router(node.store, "leader", lambda: node.term))
+    app.include_router(read_router(node, "leader"))
+    app.include_router(watch_router(node))
     app.include_router(router)
     return app
 
@@ -150,10 +154,21 @@ def ready_node(request: Request, w: int | None) -> LeaderNode:
     return node
 
 
-async def put(request: Request, key: str, value: Any, w: int | None, timeout: float | None) -> Any:
+async def put(
+    request: Request,
+    key: str,
+    value: Any,
+    w: int | None,
+    timeout: float | None,
+    if_version: Expected = ANY,
+) -> Any:
     started_at = time.monotonic()
     node = ready_node(request, w)
-    entry = node.put(key, value, writes.encode_value(value, node.settings.max_value_bytes))
+    value_json = writes.encode_value(value, node.settings.max_value_bytes)
+    try:
+        entry = node.put(key, value, value_json, if_version)
+    except VersionMismatch as mismatch:
+        return writes.version_conflict(mismatch)
     return await replicate(node, entry, started_at, w, timeout)
 
 
@@ -168,31 +183,54 @@ async def write_key(
     return await put(request, body.key, body.value, w, timeout_ms)
 
 
-@router.put(KEY_ROUTE, response_model=Written, responses=writes.WRITE_RESPONSES, tags=["writes"])
+@router.put(
+    KEY_ROUTE,
+    response_model=Written,
+    responses={**writes.WRITE_RESPONSES, **writes.CONDITIONAL_RESPONSES},
+    tags=["writes"],
+)
 async def put_key(
     request: Request,
     key: KeyPath,
     body: ValueRequest,
     w: Quorum = None,
     timeout_ms: TimeoutMs = None,
+    if_version: writes.IfVersion = None,
+    if_match: writes.IfMatch = None,
 ) -> Any:
-    """Write the key named in the path; the same as `POST /keys`."""
-    return await put(request, key, body.value, w, timeout_ms)
+    """Write the key named in the path; the same as `POST /keys`.
+
+    Conditional (compare-and-set) with `If-Match: "<version>"` or `?if_version=`: written
+    only if the key is at that version now, else 412 with its current version.
+    """
+    expected = writes.expected_version(if_version, if_match)
+    return await put(request, key, body.value, w, timeout_ms, expected)
 
 
 @router.delete(
     KEY_ROUTE,
     response_model=Written,
-    responses={**NOT_FOUND, **writes.WRITE_RESPONSES},
+    responses={**NOT_FOUND, **writes.WRITE_RESPONSES, **writes.CONDITIONAL_RESPONSES},
     tags=["writes"],
 )
 async def delete_key(
-    request: Request, key: KeyPath, w: Quorum = None, timeout_ms: TimeoutMs = None
+    request: Request,
+    key: KeyPath,
+    w: Quorum = None,
+    timeout_ms: TimeoutMs = None,
+    if_version: writes.IfVersion = None,
+    if_match: writes.IfMatch = None,
 ) -> Any:
-    """Delete a key: a versioned tombstone, replicated like a write."""
+    """Delete a key: a versioned tombstone, replicated like a write. Conditional with
+    `If-Match` or `?if_version=`, as for PUT."""
+    expected = writes.expected_version(if_version, if_match)
     started_at = time.monotonic()
     node = ready_node(request, w)
-    if (entry := node.delete(key)) is None:
+    try:
+        entry = node.delete(key, expected)
+    except VersionMismatch as mismatch:
+        return writes.version_conflict(mismatch)
+    if entry is None:
         raise key_not_found(key)
     return await replicate(node, entry, started_at, w, timeout_ms)
 

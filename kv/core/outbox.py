@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,10 @@ class Outbox:
         self._delayed: list[tuple[float, int, int, Shipment]] = []  # by ready_at
         self._ready: list[tuple[int, int, Shipment]] = []  # by version
         self._sequence = 0  # tie-breaker, so shipments themselves are never compared
+        # The versions of every shipment held, delayed or ready: a min-heap with lazy
+        # deletion, and how many shipments hold each (a write and its snapshot copy can).
+        self._versions: list[int] = []
+        self._held: Counter[int] = Counter()
 
     def __len__(self) -> int:
         return len(self._delayed) + len(self._ready)
@@ -94,6 +99,25 @@ class Outbox:
         self._sequence += 1
         item = (shipment.ready_at, shipment.entry.version, self._sequence, shipment)
         heapq.heappush(self._delayed, item)
+        self._hold(shipment.entry.version)
+
+    def min_version(self) -> int | None:
+        """The lowest version of any shipment held (not on the wire), or None if empty."""
+        while self._versions and self._versions[0] not in self._held:
+            heapq.heappop(self._versions)
+        return self._versions[0] if self._versions else None
+
+    def _hold(self, version: int) -> None:
+        if version not in self._held:
+            heapq.heappush(self._versions, version)
+        self._held[version] += 1
+
+    def _release(self, version: int) -> None:
+        left = self._held[version] - 1
+        if left:
+            self._held[version] = left
+        else:
+            del self._held[version]
 
     def _promote(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
@@ -125,6 +149,7 @@ class Outbox:
             if batch and size + shipment.size > self.max_batch_bytes:
                 break
             heapq.heappop(self._ready)
+            self._release(shipment.entry.version)
             batch.append(shipment)
             size += shipment.size
         return batch
@@ -134,6 +159,8 @@ class Outbox:
         shipments = [item[3] for item in self._delayed] + [item[2] for item in self._ready]
         self._delayed.clear()
         self._ready.clear()
+        self._versions.clear()
+        self._held.clear()
         return shipments
 
     def retry(self, batch: list[Shipment], at: float) -> None:
@@ -143,9 +170,21 @@ class Outbox:
             shipment.ready_at = at
             self._sequence += 1
             heapq.heappush(self._ready, (shipment.entry.version, self._sequence, shipment))
+            self._hold(shipment.entry.version)
 
 
-def encode_batch(batch: list[Shipment], term: int, leader_id: str) -> bytes:
-    """The body of one `/replicate` request, built from each entry's cached encoding."""
-    head = b'{"term":%d,"leader_id":"%s","entries":[' % (term, leader_id.encode())
-    return head + b",".join(s.entry.encoded for s in batch) + b"]}"
+def encode_batch(
+    batch: list[Shipment],
+    term: int,
+    leader_id: str,
+    through: int | None = None,
+    node_id: str | None = None,
+) -> bytes:
+    """The body of one `/replicate` request, built from each entry's cached encoding.
+
+    `through` and `node_id`: once this batch is applied, the follower process `node_id`
+    holds every write up to version `through` (see FollowerProgress.sending)."""
+    head = b'{"term":%d,"leader_id":"%s",' % (term, leader_id.encode())
+    if through is not None and node_id is not None:
+        head += b'"through":%d,"node_id":"%s",' % (through, node_id.encode())
+    return head + b'"entries":[' + b",".join(s.entry.encoded for s in batch) + b"]}"

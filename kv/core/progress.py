@@ -22,6 +22,7 @@ confirmation, which is how a restart is noticed. Time is always passed in.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -104,6 +105,7 @@ class FollowerProgress:
         self.outbox = outbox or Outbox()
         self.batches_in_flight = 0
         self.entries_in_flight = 0
+        self._in_flight_lowest: Counter[int] = Counter()  # each data batch's lowest version
         self.heartbeat_in_flight = False
         self.heartbeat_sent_at = 0.0
         self.heartbeat_rtt: float | None = None
@@ -216,14 +218,30 @@ class FollowerProgress:
             return float("inf")
         return self.last_attempt + self.heartbeat_s
 
-    def sending(self, batch: list[Shipment], now: float) -> None:
+    def sending(self, batch: list[Shipment], now: float, last_version: int = 0) -> int:
+        """Put `batch` (or a heartbeat) on the wire; return its `through`.
+
+        `through` is the highest version such that, once this batch is applied, the
+        follower holds every write up to it: just below the lowest version still held
+        back for it (in the outbox, or in another batch on the wire), or the leader's
+        `last_version` if none is. Followers answer reads that ask for `min_version`
+        with it, and release their change feed in version order up to it.
+        """
+        held_back = [
+            version - 1
+            for version in (self.outbox.min_version(), min(self._in_flight_lowest, default=None))
+            if version is not None
+        ]
+        through = min(last_version, *held_back) if held_back else last_version
         if batch:
             self.batches_in_flight += 1
             self.entries_in_flight += len(batch)
+            self._in_flight_lowest[min(s.entry.version for s in batch)] += 1
         else:
             self.heartbeat_in_flight = True
             self.heartbeat_sent_at = now
         self.last_attempt = now
+        return through
 
     def handle_success(self, batch: list[Shipment], confirmation: Confirmation, now: float) -> bool:
         """Record a confirmed batch. Returns True if the follower was unreachable until now."""
@@ -303,5 +321,9 @@ class FollowerProgress:
         if batch:
             self.batches_in_flight -= 1
             self.entries_in_flight -= len(batch)
+            lowest = min(s.entry.version for s in batch)
+            self._in_flight_lowest[lowest] -= 1
+            if not self._in_flight_lowest[lowest]:
+                del self._in_flight_lowest[lowest]
         else:
             self.heartbeat_in_flight = False

@@ -31,6 +31,17 @@ class ApplyResult:
     stale: int
 
 
+class VersionMismatch(Exception):
+    """A conditional write's expected version is not the key's: nothing was written."""
+
+    def __init__(self, key: str, expected: int | None, current: int) -> None:
+        wanted = "to exist" if expected is None else f"at version {expected}"
+        super().__init__(f"key {key!r} is at version {current}, not {wanted}")
+        self.key = key
+        self.expected = expected
+        self.current = current
+
+
 class VersionedStore:
     """A map from key to its newest entry, tombstones included."""
 
@@ -64,6 +75,18 @@ class VersionedStore:
         if entry is None or entry.deleted:
             return None
         return entry
+
+    def live_version(self, key: str) -> int:
+        """The key's version, or 0 if it is absent or deleted: what If-Match compares."""
+        entry = self.get(key)
+        return 0 if entry is None else entry.version
+
+    def check_version(self, key: str, expected: int | None) -> None:
+        """For a conditional write: raise VersionMismatch unless the key is at `expected`
+        (0: absent or deleted; None: present, at any version, as If-Match: *)."""
+        current = self.live_version(key)
+        if (current == 0) if expected is None else (current != expected):
+            raise VersionMismatch(key, expected, current)
 
     def held(self, key: str) -> Entry | None:
         """The newest entry for `key`, tombstone or not."""

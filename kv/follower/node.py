@@ -47,16 +47,31 @@ class FollowerCore:
     store: VersionedStore = field(default_factory=VersionedStore)
     fence: TermFence = field(default_factory=TermFence)
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    applied_through: int = 0
+    """Every write up to this version is applied here, as the leader vouched with `through`.
+    Below last_version while writes arrive out of order; 0 after a restart until the leader
+    has read this process's entries."""
 
     def handle_replicate(
-        self, term: int | None, leader_id: str | None, entries: list[Entry]
+        self,
+        term: int | None,
+        leader_id: str | None,
+        entries: list[Entry],
+        through: int | None = None,
+        node_id: str | None = None,
     ) -> Applied | Refused:
-        """Apply a batch, each entry only if newer; confirm only entries now held."""
+        """Apply a batch, each entry only if newer; confirm only entries now held.
+
+        `through` moves applied_through only if meant for this process (`node_id`): a leader
+        that has not read a restarted follower's entries cannot vouch for what it holds.
+        """
         refusal = self.fence.check(term, leader_id)
         if refusal is not None:
             return Refused(refusal, self.fence.term, term or 0)
         changed = self.fence.observe(term, leader_id)
         result = self.store.apply_batch(entries)
+        if through is not None and node_id == self.node_id and through > self.applied_through:
+            self.applied_through = through
         unconfirmed = (
             [e.version for e in entries if not self.store.holds(e)] if result.stale else []
         )

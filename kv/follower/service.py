@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 
+from kv.core.changes import ChangeFeed
 from kv.core.records import Entry
 from kv.core.stats import ApplyStats
+from kv.core.store import VersionedStore
 from kv.follower.node import Applied, FollowerCore, Page, Refused
 from kv.settings import FollowerSettings
 from kv.storage.log import Storage
+from kv.web.consistency import VersionGate
 
 log = logging.getLogger("kvstore.follower")
 
@@ -21,6 +24,20 @@ class FollowerService:
         self.storage = Storage(settings.data_dir, settings.appendfsync)
         self.core = FollowerCore(self.storage.store)
         self.stats = ApplyStats()
+        self.changes = ChangeFeed()
+        self.gate = VersionGate()
+
+    @property
+    def store(self) -> VersionedStore:
+        return self.storage.store
+
+    @property
+    def applied_through(self) -> int:
+        return self.core.applied_through
+
+    @property
+    def leader_url(self) -> str | None:
+        return self.settings.leader_url
 
     @property
     def term(self) -> int:
@@ -30,16 +47,24 @@ class FollowerService:
         """Replay the log and the newest term seen, if there is a DATA_DIR."""
         self.storage.open()
         self.core.fence.term, self.core.fence.leader_id = self.storage.load_term()
+        # What the log replayed was never in the feed; nothing is vouched for until the
+        # leader has read this process's entries.
+        self.changes.start_at(self.store.last_version, 0)
 
     async def close(self) -> None:
         await self.storage.close()
 
     async def replicate(
-        self, term: int | None, leader_id: str | None, entries: list[Entry]
+        self,
+        term: int | None,
+        leader_id: str | None,
+        entries: list[Entry],
+        through: int | None = None,
+        node_id: str | None = None,
     ) -> Applied | Refused:
         """Apply a batch; answer only once what it changed is in the log (and on disk if
         APPENDFSYNC=always), so a confirmation survives this follower's crash."""
-        outcome = self.core.handle_replicate(term, leader_id, entries)
+        outcome = self.core.handle_replicate(term, leader_id, entries, through, node_id)
         if isinstance(outcome, Refused):
             self.stats.refused_batches += 1
             return outcome
@@ -55,6 +80,8 @@ class FollowerService:
                 "now in term %d (leader %s)", self.term, (self.core.fence.leader_id or "?")[:8]
             )
         self.storage.record(outcome.applied)
+        self.changes.applied(outcome.applied, self.core.applied_through)
+        self.gate.notify()
         if self.storage.waits_for_fsync:
             await self.storage.sync()
         return outcome

@@ -18,6 +18,18 @@ from kv.core.records import Entry, TermExhaustedError, term_of
 from kv.core.startup import StartupMerge, merge_entries
 from kv.core.store import VersionedStore
 
+
+class _Unconditional:
+    """The default of `if_version`: write whatever the key's version."""
+
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY: Any = _Unconditional()
+Expected = int | None
+"""A conditional write's expectation: a version, 0 for "absent", None for "present"."""
+
 log = logging.getLogger("kvstore.leader")
 
 
@@ -51,6 +63,11 @@ class LeaderCore:
     @property
     def term(self) -> int:
         return self.store.term
+
+    @property
+    def last_version(self) -> int:
+        """Every write up to this version is applied here: the leader applies in order."""
+        return self.store.last_version
 
     # -- terms -----------------------------------------------------------------------
 
@@ -89,13 +106,24 @@ class LeaderCore:
 
     # -- writes --------------------------------------------------------------------------
 
-    def put(self, key: str, value: Any, value_json: str | None = None) -> Entry:
-        """Assign the next version and apply the write, in one synchronous step."""
+    def put(
+        self, key: str, value: Any, value_json: str | None = None, if_version: Expected = ANY
+    ) -> Entry:
+        """Assign the next version and apply the write, in one synchronous step.
+
+        With `if_version` (a version, 0 for "absent", or None for "present"), only if the
+        key is at it: checked in the same step, so no other write can come between the
+        check and the version (raises VersionMismatch, writing nothing).
+        """
+        if if_version is not ANY:
+            self.store.check_version(key, if_version)
         entry = self._assigning(lambda: self.store.put(key, value, value_json))
         self.record([entry])
         return entry
 
-    def delete(self, key: str) -> Entry | None:
+    def delete(self, key: str, if_version: Expected = ANY) -> Entry | None:
+        if if_version is not ANY:
+            self.store.check_version(key, if_version)
         entry = self._assigning(lambda: self.store.delete(key))
         if entry is not None:
             self.record([entry])

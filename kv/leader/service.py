@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import httpx
 
+from kv.core.changes import ChangeFeed
 from kv.core.outbox import DelayModel
 from kv.core.progress import FollowerProgress
 from kv.core.records import Entry
@@ -24,6 +25,7 @@ from kv.leader.node import LeaderCore
 from kv.network.delivery import Delivery, FollowerLink, Replicator, follower_client
 from kv.settings import LeaderSettings
 from kv.storage.log import Storage
+from kv.web.consistency import VersionGate
 
 log = logging.getLogger("kvstore.leader")
 
@@ -43,10 +45,12 @@ class LeaderNode(LeaderCore):
     ) -> None:
         self.settings = settings
         self.storage = Storage(settings.data_dir, settings.appendfsync)
+        self.changes = ChangeFeed()
+        self.gate = VersionGate()
         super().__init__(
             self.storage.store,
             int(settings.startup_quorum or 0),
-            record=self.storage.record,
+            record=self._record,
             save_term=self.storage.save_term,
             broadcast=self._broadcast,
         )
@@ -66,6 +70,7 @@ class LeaderNode(LeaderCore):
         """Replay the log, and read followers' entries (through `clients`) in the background."""
         self._log_configuration()
         self.storage.open()
+        self.changes.start_at(self.store.last_version, self.store.last_version)
         self.startup.persisted_term, _ = self.storage.load_term()
         self.replicator.links = [
             FollowerLink(
@@ -134,6 +139,20 @@ class LeaderNode(LeaderCore):
             await asyncio.gather(self._startup_task, return_exceptions=True)
         await self.replicator.close()
         await self.storage.close()
+
+    @property
+    def applied_through(self) -> int:
+        return self.store.last_version
+
+    @property
+    def leader_url(self) -> str | None:
+        return None  # this is the leader
+
+    def _record(self, entries: list[Entry]) -> None:
+        """Every entry the leader applies: to its log, its change feed, and waiting readers."""
+        self.storage.record(entries)
+        self.changes.applied(entries, self.store.last_version)
+        self.gate.notify()
 
     def waiting_reason(self) -> str | None:
         """Why writes are refused outright: the start-up read is not done."""

@@ -50,6 +50,9 @@ class LeaderHooks(Protocol):
     @property
     def leader_id(self) -> str: ...
 
+    @property
+    def last_version(self) -> int: ...
+
     def observe_term(self, term: int, foreign: bool = False) -> None:
         """A follower has seen `term` (`foreign`: begun by another leader): begin a newer one
         if ours is not newer."""
@@ -269,8 +272,8 @@ class FollowerLink:
                 self._pull_task = asyncio.create_task(self._pull())
             batch = self.progress.next_batch(now, self.max_in_flight)
             if batch is not None:
-                self.progress.sending(batch, now)
-                task = asyncio.create_task(self._ship(batch))
+                through = self.progress.sending(batch, now, self.leader.last_version)
+                task = asyncio.create_task(self._ship(batch, through))
                 self._sends.add(task)
                 task.add_done_callback(self._sends.discard)
                 continue
@@ -308,14 +311,14 @@ class FollowerLink:
             self._pull_task = None
             self._wakeup.set()
 
-    async def _ship(self, batch: list[Shipment]) -> None:
+    async def _ship(self, batch: list[Shipment], through: int = 0) -> None:
         """Send one batch (or an empty heartbeat) and report the outcome to the progress."""
         error: str | None = None
         confirmation: Confirmation | None = None
         unconfirmed: set[int] = set()
         fenced_by: int | None = None
         try:
-            response = await self.client.send(self._batch_request(batch))
+            response = await self.client.send(self._batch_request(batch, through))
             if response.status_code == 200:
                 body = response.json()
                 confirmation = Confirmation(str(body["node_id"]), int(body["last_version"]))
@@ -343,7 +346,7 @@ class FollowerLink:
         else:
             self._fail(batch, error or "unknown error", now)
 
-    def _batch_request(self, batch: list[Shipment]) -> httpx.Request:
+    def _batch_request(self, batch: list[Shipment], through: int = 0) -> httpx.Request:
         """`client.build_request` re-parses and merges the URL and headers for every batch;
         they never change, so they are prepared once per kind (profiled: a third of httpx's
         cost). A heartbeat (an empty batch) carries its own, short timeout."""
@@ -362,7 +365,13 @@ class FollowerLink:
             "POST",
             template.url,
             headers=template.headers,
-            content=encode_batch(batch, self.leader.term, self.leader.leader_id),
+            content=encode_batch(
+                batch,
+                self.leader.term,
+                self.leader.leader_id,
+                through,
+                self.progress.merged_node_id,
+            ),
             extensions=template.extensions,
         )
 

@@ -1,21 +1,32 @@
-"""The read routes every node serves from its own store: `GET /keys/{key}`, `/keys`, `/state`."""
+"""The read routes every node serves from its own store: `GET /keys/{key}`, `/keys`, `/state`.
+
+Each read answers with the node's `X-Last-Version` (its applied_through), and accepts
+`?min_version=` / `X-Min-Version` with `?wait_ms=`: see kv/web/consistency.py.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Response
 from fastapi.responses import JSONResponse
 from starlette.convertors import PathConvertor, register_url_convertor
 
-from kv.core.store import VersionedStore
+from kv.web.consistency import (
+    LAST_VERSION_HEADER,
+    MinVersionHeader,
+    MinVersionQuery,
+    ReadableNode,
+    WaitMs,
+    wanted_version,
+)
 from kv.web.schemas import (
     MAX_KEY_LENGTH,
     ErrorResponse,
     KeyList,
     KeyNotFound,
     KeyValue,
+    NotYetApplied,
     Role,
     StateResponse,
 )
@@ -44,40 +55,116 @@ KeyPath = Annotated[
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "The key is absent or deleted."}
 }
+NOT_YET: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": NotYetApplied,
+        "description": "This node had not applied min_version within wait_ms.",
+    }
+}
 
 
-def not_found_here(key: str, role: Role, last_version: int) -> JSONResponse:
-    """404, with the node's last_version: on a follower, absent may only mean "not yet"."""
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def not_found_here(key: str, role: Role, node: ReadableNode) -> JSONResponse:
+    """404, with how far the node has got: on a follower, absent may only mean "not yet"."""
+    last_version = node.store.last_version
     message = f"key {key!r} not found"
     if role == "follower":
         message += (
             f" on this follower, which holds versions up to {last_version}; a follower applies "
             "a write after the leader acknowledged it, so it may not have it yet: read from "
-            "the leader, or retry"
+            "the leader, retry, or pass ?min_version= with your write's version"
         )
-    body = KeyNotFound(error=message, last_version=last_version)
-    return JSONResponse(body.model_dump(), status_code=404)
+    body = KeyNotFound(
+        error=message, last_version=last_version, applied_through=node.applied_through
+    )
+    return JSONResponse(
+        body.model_dump(),
+        status_code=404,
+        headers={LAST_VERSION_HEADER: str(node.applied_through)},
+    )
 
 
-def read_router(store: VersionedStore, role: Role, term: Callable[[], int]) -> APIRouter:
+def not_yet_applied(node: ReadableNode, wanted: int, wait_ms: float) -> JSONResponse:
+    body = NotYetApplied(
+        error=f"this node has applied every write up to version {node.applied_through}, not "
+        f"yet {wanted} (waited {wait_ms:g} ms); retry with a longer ?wait_ms=, read another "
+        "node, or read from the leader",
+        min_version=wanted,
+        last_version=node.applied_through,
+        leader=node.leader_url,
+    )
+    return JSONResponse(
+        body.model_dump(),
+        status_code=503,
+        headers={LAST_VERSION_HEADER: str(node.applied_through)},
+    )
+
+
+def read_router(node: ReadableNode, role: Role) -> APIRouter:
     """`GET /keys/{key}`, `GET /keys` and `GET /state`, served by every node from its own store."""
     router = APIRouter(tags=["reads"])
+    store = node.store
 
-    @router.get("/keys", response_model=KeyList, summary="List the live keys, sorted")
-    async def list_keys() -> KeyList:
+    def caught_up(wanted: int) -> bool:
+        return node.applied_through >= wanted
+
+    @router.get(
+        "/keys",
+        response_model=KeyList,
+        responses=NOT_YET,
+        summary="List the live keys, sorted",
+    )
+    async def list_keys(
+        response: Response,
+        min_version: MinVersionQuery = None,
+        wait_ms: WaitMs = 0,
+        x_min_version: MinVersionHeader = None,
+    ) -> Any:
+        wanted = wanted_version(min_version, x_min_version)
+        if wanted is not None and not await node.gate.wait_for(
+            lambda: caught_up(wanted), wait_ms / 1000
+        ):
+            return not_yet_applied(node, wanted, wait_ms)
         keys = store.keys()
+        response.headers[LAST_VERSION_HEADER] = str(node.applied_through)
         return KeyList(keys=keys, count=len(keys))
 
     @router.get(
         KEY_ROUTE,
         response_model=KeyValue,
-        responses={404: {"model": KeyNotFound, "description": "Absent or deleted, on this node."}},
+        responses={
+            404: {"model": KeyNotFound, "description": "Absent or deleted, on this node."},
+            **NOT_YET,
+        },
         summary="Read one key",
     )
-    async def read_key(key: KeyPath) -> Any:
+    async def read_key(
+        key: KeyPath,
+        response: Response,
+        min_version: MinVersionQuery = None,
+        wait_ms: WaitMs = 0,
+        x_min_version: MinVersionHeader = None,
+    ) -> Any:
+        """With `min_version`, it is enough that this key holds that version or a newer one
+        (your own write, or one that replaced it), even if older writes to other keys are
+        still on their way here."""
+        wanted = wanted_version(min_version, x_min_version)
+        if wanted is not None:
+
+            def ready() -> bool:
+                held = store.held(key)
+                return caught_up(wanted) or (held is not None and held.version >= wanted)
+
+            if not await node.gate.wait_for(ready, wait_ms / 1000):
+                return not_yet_applied(node, wanted, wait_ms)
         entry = store.get(key)
         if entry is None:
-            return not_found_here(key, role, store.last_version)
+            return not_found_here(key, role, node)
+        response.headers[LAST_VERSION_HEADER] = str(node.applied_through)
+        response.headers["ETag"] = etag(entry.version)
         return KeyValue(key=entry.key, value=entry.value, version=entry.version)
 
     @router.get(
@@ -92,7 +179,8 @@ def read_router(store: VersionedStore, role: Role, term: Callable[[], int]) -> A
             store={entry.key: entry.value for entry in live},
             versions={entry.key: entry.version for entry in live},
             last_version=store.last_version,
-            term=term(),
+            applied_through=node.applied_through,
+            term=node.term,
         )
 
     return router

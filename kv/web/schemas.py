@@ -86,6 +86,27 @@ class KeyNotFound(ErrorResponse):
         "leader has acknowledged it (semi-synchronous replication), so a follower whose "
         "last_version is below your write's version has not seen it yet."
     )
+    applied_through: int = Field(
+        description="Every write up to this version is applied on this node."
+    )
+
+
+class NotYetApplied(ErrorResponse):
+    min_version: int = Field(description="The version the read asked for.")
+    last_version: int = Field(
+        description="This node's applied_through: every write up to it is applied here. Also "
+        "in the X-Last-Version header of every read."
+    )
+    leader: str | None = Field(
+        description="The leader's URL (LEADER_URL), which has applied every acknowledged write."
+    )
+
+
+class VersionConflict(ErrorResponse):
+    key: str
+    current_version: int = Field(
+        description="The key's version now; 0 if it is absent or deleted. Also the ETag."
+    )
 
 
 class KeyValue(BaseModel):
@@ -104,6 +125,9 @@ class StateResponse(BaseModel):
     store: dict[str, Any]
     versions: dict[str, int]
     last_version: int
+    applied_through: int = Field(
+        description="Every write up to this version is applied here: resume GET /watch from it."
+    )
     term: int = Field(
         description="The leader: the term it assigns versions in; a follower: the newest seen."
     )
@@ -222,6 +246,14 @@ class ReplicateRequest(BaseModel):
         "follower has seen are refused with 409. Absent: a hand-made batch, not fenced.",
     )
     leader_id: StrictStr | None = Field(None, description="Random per leader process start.")
+    through: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        None,
+        description="Once this batch is applied, the follower holds every write up to this "
+        "version: its applied_through, which min_version reads wait for.",
+    )
+    node_id: StrictStr | None = Field(
+        None, description="The follower process `through` is meant for; ignored by any other."
+    )
     entries: list[ReplicatedEntry]
 
 

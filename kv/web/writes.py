@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import HTTPException
+from fastapi import Header, HTTPException, Query
 from fastapi.responses import JSONResponse, Response
 
 from kv.core.records import Entry, encode_json
 from kv.core.stats import WriteFailure
+from kv.core.store import VersionMismatch
+from kv.leader.node import ANY, Expected
 from kv.network.delivery import OVERFLOWED, Delivery, QuorumOutcome
 from kv.web.errors import value_too_large
-from kv.web.schemas import DeliveryReport, ErrorResponse, QuorumError
+from kv.web.schemas import DeliveryReport, ErrorResponse, QuorumError, VersionConflict
 
 WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "The value is larger than MAX_VALUE_BYTES."},
@@ -20,6 +22,63 @@ WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Too few followers confirmed in time, or the leader is starting.",
     },
 }
+
+
+IfVersion = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        description="Write only if the key is at this version now; 0: only if it is absent "
+        "(or deleted). The same as If-Match.",
+    ),
+]
+IfMatch = Annotated[
+    str | None,
+    Header(
+        description="Write only if the key is at this version: the ETag of a read or write, "
+        '`"7"` (or `7`); `*`: only if the key exists.'
+    ),
+]
+CONDITIONAL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    412: {
+        "model": VersionConflict,
+        "description": "If-Match or if_version did not match the key's version: nothing written.",
+    }
+}
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def expected_version(if_version: int | None, if_match: str | None) -> Expected:
+    """What a conditional write expects, from ?if_version= and If-Match (422 if they differ)."""
+    if if_match is None:
+        return ANY if if_version is None else if_version
+    tag = if_match.strip()
+    expected: int | None
+    if tag == "*":
+        expected = None
+    else:
+        bare = tag.removeprefix("W/").strip('"')
+        if not bare.isdigit():
+            raise HTTPException(
+                422, f'If-Match must be a version such as "7", or *; got {if_match!r}'
+            )
+        expected = int(bare)
+    if if_version is not None and if_version != expected:
+        raise HTTPException(422, f"if_version={if_version} and If-Match: {tag} disagree")
+    return expected
+
+
+def version_conflict(mismatch: VersionMismatch) -> JSONResponse:
+    body = VersionConflict(
+        error=f"{mismatch} (If-Match): nothing was written; read it again and retry",
+        key=mismatch.key,
+        current_version=mismatch.current,
+    )
+    headers = {"ETag": etag(mismatch.current)} if mismatch.current else {}
+    return JSONResponse(body.model_dump(), status_code=412, headers=headers)
 
 
 def encode_value(value: Any, max_bytes: int) -> str:
@@ -102,7 +161,9 @@ def write_response(
             latency_ms=latency_ms,
             replication=[DeliveryReport(**report) for report in reports],
         )
-        return JSONResponse(body.model_dump(), status_code=503)
+        return JSONResponse(
+            body.model_dump(), status_code=503, headers={"ETag": etag(entry.version)}
+        )
     # A WriteResponse, built by hand on the hot path: the entry's cached JSON already
     # holds key, value, version and deleted, so the value is not encoded a second time.
     rest = {
@@ -113,5 +174,7 @@ def write_response(
         "replication": reports,
     }
     return Response(
-        entry.encoded[:-1] + b"," + encode_json(rest)[1:].encode(), media_type="application/json"
+        entry.encoded[:-1] + b"," + encode_json(rest)[1:].encode(),
+        media_type="application/json",
+        headers={"ETag": etag(entry.version)},
     )

@@ -1,0 +1,189 @@
+"""`GET /watch`: a node's change feed as Server-Sent Events, on any node.
+
+Every entry applied after `since_version` (tombstones included), in version order, then
+live ones as they are released (kv/core/changes.py). Each event's `id` is its version, so
+a client that reconnects with `Last-Event-ID` (browsers do it by themselves) or
+`?since_version=` resumes where it stopped and misses nothing. Events:
+
+* `put` / `delete`: `data` is the entry, `{"key", "value", "version", "deleted"}`;
+* `compacted`: the feed no longer reaches back to `since_version`; what follows is each
+  key's newest entry above it (intermediate versions are gone), then the live feed;
+* `overflow`: this client fell `MAX_PENDING` entries behind and is cut off; reconnect
+  with the last id received;
+* a comment line every 15 s keeps idle connections open through proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+
+from kv.core.records import Entry
+from kv.core.store import VersionedStore
+from kv.web.consistency import LAST_VERSION_HEADER, ReadableNode
+
+MAX_PENDING = 10_000
+"""Entries buffered for one client before it is cut off: a slow reader never costs more."""
+KEEPALIVE_S = 15.0
+PAGE = 10_000
+
+SinceVersion = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        description="Stream entries applied after this version (default: only new ones). "
+        "Last-Event-ID, sent by a reconnecting EventSource, counts if this is absent.",
+    ),
+]
+
+
+def event(entry: Entry) -> bytes:
+    kind = b"delete" if entry.deleted else b"put"
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (entry.version, kind, entry.encoded)
+
+
+def notice(kind: str, data: dict[str, object]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class Subscription:
+    """One client's queue of released entries, bounded: past MAX_PENDING it is cut off."""
+
+    def __init__(self, wanted: Filter, limit: int = MAX_PENDING) -> None:
+        self.wanted = wanted
+        self.queue: asyncio.Queue[Entry] = asyncio.Queue(limit)
+        self.overflowed = False
+
+    def __call__(self, entry: Entry) -> None:
+        if self.overflowed or not self.wanted(entry):
+            return
+        try:
+            self.queue.put_nowait(entry)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+
+class Filter:
+    def __init__(self, key: str | None, prefix: str | None) -> None:
+        self.key = key
+        self.prefix = prefix
+
+    def __call__(self, entry: Entry) -> bool:
+        if self.key is not None and entry.key != self.key:
+            return False
+        return self.prefix is None or entry.key.startswith(self.prefix)
+
+
+def compacted_catch_up(store: VersionedStore, after: int, through: int) -> Iterable[Entry]:
+    """Each key's newest entry with a version in (after, through], in version order."""
+    while True:
+        page = store.page(after, PAGE)
+        for entry in page:
+            if entry.version > through:
+                return
+            yield entry
+        if len(page) < PAGE:
+            return
+        after = page[-1].version
+
+
+def catch_up_from(
+    node: ReadableNode, since: int | None, wanted: Filter
+) -> tuple[list[bytes], list[Entry]]:
+    """What a new watcher gets before the live feed: entries after `since` from the ring, or,
+    if it was compacted past `since`, a `compacted` notice and each key's newest entry."""
+    feed = node.changes
+    if since is None:
+        return [], []
+    ring = feed.since(since)
+    if ring is not None:
+        return [], [entry for entry in ring if wanted(entry)]
+    through = feed.released_through
+    head = notice(
+        "compacted",
+        {
+            "since_version": since,
+            "compacted_through": feed.compacted_through,
+            "snapshot_through": through,
+            "detail": "entries in between were compacted: each key's newest entry up to "
+            "snapshot_through follows, then the live feed",
+        },
+    )
+    return [head], [e for e in compacted_catch_up(node.store, since, through) if wanted(e)]
+
+
+def watch_router(node: ReadableNode) -> APIRouter:
+    router = APIRouter(tags=["reads"])
+
+    @router.get(
+        "/watch",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": __doc__}},
+        summary="Stream applied entries as Server-Sent Events",
+    )
+    async def watch(
+        since_version: SinceVersion = None,
+        key: Annotated[str | None, Query(description="Only this key.")] = None,
+        prefix: Annotated[str | None, Query(description="Only keys starting with this.")] = None,
+        last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    ) -> StreamingResponse:
+        """Every entry this node applies after `since_version`, in version order, then live.
+
+        See the module's docstring (and the README) for the events."""
+        feed = node.changes
+        wanted = Filter(key, prefix)
+        since = since_version if since_version is not None else last_event_id
+
+        async def stream() -> AsyncIterator[bytes]:
+            # Subscribing and reading the ring happen with no await between them, so no
+            # entry can fall between the catch-up and the live feed. Both happen here, in
+            # the generator, so that its `finally` always unsubscribes.
+            subscription = Subscription(wanted)
+            feed.subscribe(subscription)
+            try:
+                head, catch_up = catch_up_from(node, since, wanted)
+                yield b": watching; each event's id is its version\n\n"
+                for line in head:
+                    yield line
+                last = since or 0
+                for entry in catch_up:
+                    last = max(last, entry.version)
+                    yield event(entry)
+                while True:
+                    if subscription.overflowed and subscription.queue.empty():
+                        yield notice(
+                            "overflow",
+                            {
+                                "last_version": last,
+                                "error": f"this client fell {MAX_PENDING} entries behind and "
+                                "is cut off; reconnect with since_version=last_version",
+                            },
+                        )
+                        return
+                    try:
+                        async with asyncio.timeout(KEEPALIVE_S):
+                            entry = await subscription.queue.get()
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                    last = max(last, entry.version)
+                    yield event(entry)
+            finally:
+                feed.unsubscribe(subscription)
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                LAST_VERSION_HEADER: str(node.applied_through),
+            },
+        )
+
+    return router
