@@ -345,6 +345,187 @@ async def test_concurrent_writes_and_deletes_on_few_keys_converge(
     print(f"converged {took:.2f} s after the last write")
 
 
+# -- consistency you can choose: read-your-writes, compare-and-set, the change feed -----
+
+
+async def test_read_your_writes_on_every_follower_with_min_version(
+    client: httpx.AsyncClient, cluster: Cluster
+):
+    key = unique("ryw")
+    written = await client.post(f"{cluster.leader}/keys?w=1", json={"key": key, "value": "new"})
+    assert written.status_code == 200
+    version = written.json()["version"]
+    assert written.headers["etag"] == f'"{version}"'
+    path = "/keys/" + quote(key, safe="")
+    for i, follower in enumerate(cluster.followers):
+        # Half by query, half by header: the two spellings of the same thing.
+        if i % 2:
+            read = await client.get(
+                f"{follower}{path}?wait_ms=5000", headers={"X-Min-Version": str(version)}
+            )
+        else:
+            read = await client.get(f"{follower}{path}?min_version={version}&wait_ms=5000")
+        assert read.status_code == 200, read.text
+        assert read.json() == {"key": key, "value": "new", "version": version}
+        assert read.headers["etag"] == f'"{version}"'
+        assert int(read.headers["x-last-version"]) >= 0
+
+
+async def test_a_version_not_yet_applied_is_a_503_saying_how_far_the_node_has_got(
+    client: httpx.AsyncClient, cluster: Cluster
+):
+    info = (await client.get(f"{cluster.leader}/state")).json()
+    future = info["last_version"] + 10**12  # no node will have applied this
+    follower = cluster.followers[0]
+    started = time.monotonic()
+    response = await client.get(f"{follower}/keys?min_version={future}&wait_ms=200")
+    waited = time.monotonic() - started
+    assert response.status_code == 503
+    body = response.json()
+    assert body["min_version"] == future and body["last_version"] >= 0
+    assert body["leader"], "a follower names the leader"
+    assert "not yet" in body["error"]
+    assert waited >= 0.2, "it waited wait_ms before giving up"
+    too_long = await client.get(f"{follower}/keys?min_version=1&wait_ms=60000")
+    assert too_long.status_code == 422
+
+
+async def test_monotonic_reads_carry_x_last_version_from_node_to_node(
+    client: httpx.AsyncClient, cluster: Cluster
+):
+    keys = [unique("mono") for _ in range(5)]
+    for key in keys:
+        response = await client.post(f"{cluster.leader}/keys?w=1", json={"key": key, "value": 1})
+        assert response.status_code == 200
+    last = 0
+    for follower in [*cluster.followers, *cluster.followers]:
+        read = await client.get(
+            f"{follower}/keys?wait_ms=5000", headers={"X-Min-Version": str(last)}
+        )
+        assert read.status_code == 200, read.text
+        seen = int(read.headers["x-last-version"])
+        assert seen >= last, "never older than what the client has already seen"
+        last = seen
+    leader = await client.get(f"{cluster.leader}/keys")
+    assert int(leader.headers["x-last-version"]) >= last
+
+
+async def test_conditional_writes_are_compare_and_set(client: httpx.AsyncClient, cluster: Cluster):
+    key = unique("cas")
+    url = f"{cluster.leader}/keys/{quote(key, safe='')}"
+    created = await client.put(f"{url}?if_version=0", json={"value": 1})
+    assert created.status_code == 200
+    version = created.json()["version"]
+    again = await client.put(f"{url}?if_version=0", json={"value": 1})
+    assert again.status_code == 412, "0 means only if absent"
+    assert again.json()["current_version"] == version
+    stale = await client.put(url, json={"value": 2}, headers={"If-Match": f'"{version - 1}"'})
+    assert stale.status_code == 412 and stale.headers["etag"] == f'"{version}"'
+    fresh = await client.put(url, json={"value": 2}, headers={"If-Match": f'"{version}"'})
+    assert fresh.status_code == 200 and fresh.json()["value"] == 2
+    assert (await client.get(url)).json()["value"] == 2, "the refused write changed nothing"
+    wrong_delete = await client.delete(url, headers={"If-Match": f'"{version}"'})
+    assert wrong_delete.status_code == 412
+    deleted = await client.delete(url, headers={"If-Match": fresh.headers["etag"]})
+    assert deleted.status_code == 200
+    gone = await client.put(url, json={"value": 3}, headers={"If-Match": "*"})
+    assert gone.status_code == 412, "* needs the key to exist"
+    nonsense = await client.put(url, json={"value": 3}, headers={"If-Match": "yesterday"})
+    assert nonsense.status_code == 422
+
+
+async def test_concurrent_compare_and_set_increments_lose_nothing(
+    client: httpx.AsyncClient, cluster: Cluster
+):
+    key = unique("counter")
+    url = f"{cluster.leader}/keys/{quote(key, safe='')}"
+    assert (await client.put(f"{url}?if_version=0&w=1", json={"value": 0})).status_code == 200
+    workers, each = 6, 10
+    conflicts = 0
+
+    async def increment() -> None:
+        nonlocal conflicts
+        for _ in range(each):
+            for _attempt in range(200):
+                read = await client.get(url)
+                body = read.json()
+                response = await client.put(
+                    f"{url}?w=1",
+                    json={"value": body["value"] + 1},
+                    headers={"If-Match": read.headers["etag"]},
+                )
+                if response.status_code == 200:
+                    break
+                assert response.status_code == 412, response.text
+                conflicts += 1
+            else:
+                raise AssertionError("200 attempts without a successful compare-and-set")
+
+    await asyncio.gather(*(increment() for _ in range(workers)))
+    final = (await client.get(url)).json()
+    assert final["value"] == workers * each
+    print(f"{workers * each} increments by {workers} clients, {conflicts} retried after a 412")
+
+
+async def sse_events(
+    client: httpx.AsyncClient, url: str, count: int, timeout: float = 10, **kwargs
+) -> list[dict]:
+    """The first `count` events (comments skipped) of a Server-Sent Events stream."""
+    events: list[dict] = []
+    current: dict = {}
+    async with asyncio.timeout(timeout), client.stream("GET", url, **kwargs) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            if line == "":
+                if current:
+                    events.append(current)
+                    current = {}
+                    if len(events) == count:
+                        return events
+            elif not line.startswith(":"):
+                field, _, value = line.partition(": ")
+                current[field] = json.loads(value) if field == "data" else value
+    return events
+
+
+async def test_the_change_feed_streams_in_version_order_and_resumes_without_gaps(
+    client: httpx.AsyncClient, cluster: Cluster
+):
+    prefix = unique("feed") + "/"
+    start = (await client.get(f"{cluster.leader}/state")).json()["last_version"]
+    follower = cluster.followers[1]
+    watched = asyncio.create_task(
+        sse_events(client, f"{follower}/watch?since_version={start}&prefix={quote(prefix)}", 12)
+    )
+    await asyncio.sleep(0.2)
+    versions = []
+    for i in range(10):
+        response = await client.post(
+            f"{cluster.leader}/keys?w=1", json={"key": f"{prefix}{i % 4}", "value": i}
+        )
+        versions.append(response.json()["version"])
+    for i in (1, 2):
+        response = await client.delete(f"{cluster.leader}/keys/{quote(prefix + str(i), safe='')}")
+        versions.append(response.json()["version"])
+    events = await watched
+    assert [int(e["id"]) for e in events] == versions, "every entry, in version order"
+    assert [e["event"] for e in events] == ["put"] * 10 + ["delete"] * 2
+    assert events[-1]["data"]["deleted"] is True and events[-1]["data"]["key"] == f"{prefix}2"
+    # A client that stopped after the fifth event resumes with Last-Event-ID.
+    resumed = await sse_events(
+        client,
+        f"{follower}/watch?prefix={quote(prefix)}",
+        7,
+        headers={"Last-Event-ID": events[4]["id"]},
+    )
+    assert [int(e["id"]) for e in resumed] == versions[5:]
+    one_key = await sse_events(
+        client, f"{cluster.leader}/watch?since_version={start}&key={quote(prefix + '3')}", 2
+    )
+    assert [e["data"]["value"] for e in one_key] == [3, 7]
+
+
 # -- faults ---------------------------------------------------------------------
 
 

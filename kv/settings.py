@@ -60,6 +60,8 @@ class NodeSettings(BaseSettings):
     # Unset: memory only. Set: an append-only log there, replayed at start-up.
     data_dir: Path | None = None
     appendfsync: FsyncPolicy = FsyncPolicy.EVERYSEC
+    # Entries GET /watch can replay to a client that reconnects; older ones are compacted.
+    change_feed_entries: int = Field(100_000, ge=1, le=10_000_000)
 
     @field_validator("data_dir", mode="before")
     @classmethod

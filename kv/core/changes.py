@@ -27,7 +27,8 @@ class ChangeFeed:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._ring: deque[Entry] = deque(maxlen=capacity)
-        self._held: list[tuple[int, int, Entry]] = []  # applied, above the watermark
+        self._held: list[tuple[int, int, Entry]] = []  # received, above the watermark
+        self._held_versions: set[int] = set()
         self._sequence = 0
         self.released_through = 0
         """Every entry applied here up to this version has been released."""
@@ -41,28 +42,44 @@ class ChangeFeed:
         self.compacted_through = compacted_through
         self.released_through = released_through
 
-    def applied(self, entries: Iterable[Entry], through: int) -> None:
-        """Entries this node applied, and its watermark after applying them."""
+    def received(self, entries: Iterable[Entry], through: int) -> None:
+        """Entries this node received (applied, or already superseded here), and its watermark
+        after applying them.
+
+        A write that was overwritten before it reached this follower (the newer one had a
+        shorter delay) is never applied to the store, but it is still part of the history:
+        it goes into the feed, in its place. Repeats (a redelivery, a snapshot copy) do not.
+        """
         for entry in entries:
+            version = entry.version
+            if version <= self.released_through or version in self._held_versions:
+                continue
+            self._held_versions.add(version)
             self._sequence += 1
-            heapq.heappush(self._held, (entry.version, self._sequence, entry))
+            heapq.heappush(self._held, (version, self._sequence, entry))
         self.release(through)
 
-    def release(self, through: int) -> None:
-        """Release every held entry up to `through`, lowest version first.
+    def release_late(self, entries: Iterable[Entry]) -> None:
+        """Entries new to this node though below its watermark (a restarted leader adopting a
+        late follower's writes): out of version order, but not lost."""
+        for entry in entries:
+            self._append(entry)
 
-        An entry at or below the watermark already released (one adopted from a late
-        follower by a restarted leader) goes out at once: late, but not lost.
-        """
+    def release(self, through: int) -> None:
+        """Release every held entry up to `through`, lowest version first."""
         self.released_through = max(self.released_through, through)
-        ring = self._ring
         while self._held and self._held[0][0] <= self.released_through:
             _, _, entry = heapq.heappop(self._held)
-            if len(ring) == ring.maxlen:
-                self.compacted_through = max(self.compacted_through, ring[0].version)
-            ring.append(entry)
-            for subscriber in self._subscribers:
-                subscriber(entry)
+            self._held_versions.discard(entry.version)
+            self._append(entry)
+
+    def _append(self, entry: Entry) -> None:
+        ring = self._ring
+        if len(ring) == ring.maxlen:
+            self.compacted_through = max(self.compacted_through, ring[0].version)
+        ring.append(entry)
+        for subscriber in self._subscribers:
+            subscriber(entry)
 
     def since(self, version: int) -> list[Entry] | None:
         """Released entries above `version`, in the order released; None if the ring no

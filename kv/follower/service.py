@@ -24,7 +24,7 @@ class FollowerService:
         self.storage = Storage(settings.data_dir, settings.appendfsync)
         self.core = FollowerCore(self.storage.store)
         self.stats = ApplyStats()
-        self.changes = ChangeFeed()
+        self.changes = ChangeFeed(settings.change_feed_entries)
         self.gate = VersionGate()
 
     @property
@@ -80,7 +80,7 @@ class FollowerService:
                 "now in term %d (leader %s)", self.term, (self.core.fence.leader_id or "?")[:8]
             )
         self.storage.record(outcome.applied)
-        self.changes.applied(outcome.applied, self.core.applied_through)
+        self.changes.received(entries, self.core.applied_through)
         self.gate.notify()
         if self.storage.waits_for_fsync:
             await self.storage.sync()

@@ -45,7 +45,7 @@ class LeaderNode(LeaderCore):
     ) -> None:
         self.settings = settings
         self.storage = Storage(settings.data_dir, settings.appendfsync)
-        self.changes = ChangeFeed()
+        self.changes = ChangeFeed(settings.change_feed_entries)
         self.gate = VersionGate()
         super().__init__(
             self.storage.store,
@@ -151,8 +151,17 @@ class LeaderNode(LeaderCore):
     def _record(self, entries: list[Entry]) -> None:
         """Every entry the leader applies: to its log, its change feed, and waiting readers."""
         self.storage.record(entries)
-        self.changes.applied(entries, self.store.last_version)
+        self._feed(entries)
         self.gate.notify()
+
+    def _feed(self, entries: list[Entry]) -> None:
+        # Adopted entries (from a late follower) are below the watermark already released:
+        # they go out at once, late rather than never.
+        feed = self.changes
+        late = [e for e in entries if e.version <= feed.released_through]
+        feed.received(entries, self.store.last_version)
+        if late:
+            feed.release_late(late)
 
     def waiting_reason(self) -> str | None:
         """Why writes are refused outright: the start-up read is not done."""

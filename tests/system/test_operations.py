@@ -264,3 +264,33 @@ async def test_a_followers_404_says_how_far_it_has_got(client, cluster: LocalClu
     assert "may not have it yet" in body["error"]
     leader = (await client.get(f"{cluster.leader_url}/keys/never-written")).json()
     assert "last_version" in leader and "follower" not in leader["error"]
+
+
+async def test_a_watch_from_before_a_compacted_feed_says_so_then_sends_each_keys_newest(client):
+    with LocalCluster(
+        followers=1, quorum=1, max_delay_ms=0, base_port=0, extra_env={"CHANGE_FEED_ENTRIES": "3"}
+    ) as small:
+        versions = {}
+        for i in range(8):
+            key = f"k{i % 3}"
+            response = await client.post(f"{small.leader_url}/keys", json={"key": key, "value": i})
+            versions[key] = response.json()["version"]
+        for node in (small.leader_url, small.follower_urls[0]):
+            await eventually(
+                lambda node=node: _applied_through(client, node, 8), 5, "the follower caught up"
+            )
+            lines: list[str] = []
+            async with client.stream("GET", f"{node}/watch?since_version=1") as response:
+                async for line in response.aiter_lines():
+                    lines.append(line)
+                    if sum(1 for x in lines if x.startswith("id: ")) == 3:
+                        break
+            assert "event: compacted" in lines
+            notice = json.loads(lines[lines.index("event: compacted") + 1].removeprefix("data: "))
+            assert notice["since_version"] == 1 and notice["compacted_through"] >= 2
+            ids = [int(x.removeprefix("id: ")) for x in lines if x.startswith("id: ")]
+            assert ids == sorted(versions.values()), "each key's newest, in version order"
+
+
+async def _applied_through(client, node: str, version: int) -> bool:
+    return (await client.get(f"{node}/state")).json()["applied_through"] >= version
