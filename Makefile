@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SERVICE_STAMP := $(VENV)/.installed-service
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit app system integration nemesis lint format analysis clean
+.PHONY: run test unit app system integration nemesis lint format analysis staleness clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -64,6 +64,10 @@ format: $(STAMP)
 ## analysis: the quorum-versus-latency study (starts its own cluster if none runs on :8000)
 analysis: $(STAMP)
 	$(PY) performance_analysis.py $(ARGS)
+
+## staleness: how often a follower read is stale t ms after a write, against PBS's prediction
+staleness: $(STAMP)
+	$(PY) tools/staleness.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -72,3 +72,24 @@ def test_a_leader_that_does_not_answer_is_an_error_not_a_silent_substitute(
     assert pa.main(["--leader", nobody, "--quick", "--out", str(tmp_path)]) == 1
     assert f"no leader answers at {nobody}" in capsys.readouterr().err
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_the_staleness_study_measures_predicts_and_proves_min_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from tools import staleness
+
+    out = tmp_path / "staleness"
+    status = staleness.main(
+        [
+            "--followers", "3", "--max-delay-ms", "300", "--step-ms", "150",
+            "--samples", "4", "--quorums", "1", "3", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["t_ms"] for row in summary["table"]] == [0, 150, 300]
+    assert all(row["W3"] == 1.0 and row["W3_predicted"] == 1.0 for row in summary["table"])
+    assert summary["min_version"] == {"reads": 8, "stale": 0}
+    assert (out / "staleness_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    assert "measured / predicted" in capsys.readouterr().out

@@ -33,3 +33,22 @@ def test_summary_counts_failures_and_uses_the_order_statistic():
     assert summary.expected_ms == pytest.approx(500.0)
     assert summary.mean_ms == pytest.approx(504.5)
     assert summary.overhead_p50_ms == pytest.approx(5.0)
+
+
+def test_the_staleness_prediction_matches_a_simulation_of_the_delay_model():
+    """PBS's closed form (tools/pbs.py) against a Monte Carlo of the same model."""
+    import random
+
+    from tools.pbs import p_fresh
+
+    rng = random.Random(7)
+    n, trials = 5, 40_000
+    for quorum, t in ((1, 0.0), (2, 150.0), (3, 400.0), (4, 50.0)):
+        fresh = 0
+        for _ in range(trials):
+            delays = sorted(rng.uniform(0, 1000) for _ in range(n))
+            fresh += rng.choice(delays) <= delays[quorum - 1] + t
+        assert abs(fresh / trials - p_fresh(t, quorum, n, 0, 1000)) < 0.01
+    assert p_fresh(0, 1, 5, 0, 1000) == pytest.approx(0.2)
+    assert p_fresh(1000, 1, 5, 0, 1000) == pytest.approx(1.0)
+    assert p_fresh(0, 5, 5, 0, 1000) == 1.0
