@@ -61,7 +61,7 @@ class NodeSettings(BaseSettings):
     data_dir: Path | None = None
     appendfsync: FsyncPolicy = FsyncPolicy.EVERYSEC
     # Entries GET /watch can replay to a client that reconnects; older ones are compacted.
-    change_feed_entries: int = Field(100_000, ge=1, le=10_000_000)
+    change_feed_entries: int = Field(10_000, ge=1, le=10_000_000)
 
     @field_validator("data_dir", mode="before")
     @classmethod

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from kv.core.records import Entry
 
 Subscriber = Callable[[Entry], None]
-DEFAULT_CAPACITY = 100_000
+DEFAULT_CAPACITY = 10_000
 
 
 class ChangeFeed:
