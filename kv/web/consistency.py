@@ -109,6 +109,11 @@ class VersionGate:
         return sum(1 for _, future in self._waiters if not future.done())
 
 
+def etag(version: int) -> str:
+    """A version as an HTTP entity tag, for reads, writes and If-Match."""
+    return f'"{version}"'
+
+
 def wanted_version(query: int | None, header: int | None) -> int | None:
     """The stricter of ?min_version= and X-Min-Version, if either is given."""
     given = [v for v in (query, header) if v is not None]

@@ -18,6 +18,7 @@ from kv.web.consistency import (
     MinVersionQuery,
     ReadableNode,
     WaitMs,
+    etag,
     wanted_version,
 )
 from kv.web.schemas import (
@@ -61,10 +62,6 @@ NOT_YET: dict[int | str, dict[str, Any]] = {
         "description": "This node had not applied min_version within wait_ms.",
     }
 }
-
-
-def etag(version: int) -> str:
-    return f'"{version}"'
 
 
 def not_found_here(key: str, role: Role, node: ReadableNode) -> JSONResponse:

@@ -12,6 +12,7 @@ from kv.core.stats import WriteFailure
 from kv.core.store import VersionMismatch
 from kv.leader.node import ANY, Expected
 from kv.network.delivery import OVERFLOWED, Delivery, QuorumOutcome
+from kv.web.consistency import etag
 from kv.web.errors import value_too_large
 from kv.web.schemas import DeliveryReport, ErrorResponse, QuorumError, VersionConflict
 
@@ -45,10 +46,6 @@ CONDITIONAL_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "If-Match or if_version did not match the key's version: nothing written.",
     }
 }
-
-
-def etag(version: int) -> str:
-    return f'"{version}"'
 
 
 def expected_version(if_version: int | None, if_match: str | None) -> Expected:
