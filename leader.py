@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
@@ -33,7 +34,8 @@ from kv.leader.node import ANY, Expected
 from kv.leader.service import ClientFactory, LeaderNode
 from kv.network.delivery import Delivery, QuorumOutcome
 from kv.settings import LeaderSettings, load_settings
-from kv.web import status, writes
+from kv.web import status, ui, writes
+from kv.web.consistency import MAX_WAIT_MS
 from kv.web.errors import install_error_handlers, key_not_found
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
@@ -63,13 +65,16 @@ def create_app(
     node = LeaderNode(settings, client_factory=client_factory, rng=rng)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One long-lived httpx.AsyncClient per follower, for the life of the process.
         clients = {url: node.make_client(url) for url in settings.followers}
         node.open(clients)
+        # The /ui page's reads from followers (kv/web/ui.py), apart from replication's.
+        app.state.ui_client = httpx.AsyncClient(timeout=MAX_WAIT_MS / 1000 + 5, trust_env=False)
         try:
             yield
         finally:
+            await app.state.ui_client.aclose()
             await node.close()
 
     app = FastAPIOffline(  # /docs and /redoc load their scripts from this node, not a CDN
@@ -85,6 +90,7 @@ def create_app(
     app.include_router(read_router(node, "leader"))
     app.include_router(watch_router(node))
     app.include_router(router)
+    app.include_router(ui.router)
     return app
 
 

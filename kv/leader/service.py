@@ -64,6 +64,8 @@ class LeaderNode(LeaderCore):
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
         self.write_stats = WriteStats()
+        # Watchers of confirmations (the /ui page); nobody watching costs one check.
+        self.delivery_watchers: list[Callable[[Delivery, Entry], None]] = []
         self._startup_task: asyncio.Task[None] | None = None
 
     def open(self, clients: dict[str, httpx.AsyncClient]) -> None:
@@ -147,6 +149,10 @@ class LeaderNode(LeaderCore):
     @property
     def leader_url(self) -> str | None:
         return None  # this is the leader
+
+    def delivered(self, delivery: Delivery, entry: Entry) -> None:
+        for watcher in self.delivery_watchers:
+            watcher(delivery, entry)
 
     def _record(self, entries: list[Entry]) -> None:
         """Every entry the leader applies: to its log, its change feed, and waiting readers."""

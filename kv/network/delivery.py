@@ -63,6 +63,9 @@ class LeaderHooks(Protocol):
     def in_sync(self, print_: int) -> bool:
         """Whether a follower whose entries have this fingerprint holds what the leader does."""
 
+    def delivered(self, delivery: Delivery, entry: Entry) -> None:
+        """A write a client waits for was confirmed (or will not be) by one follower."""
+
 
 @dataclass(frozen=True, slots=True)
 class PulledFollower:
@@ -401,16 +404,16 @@ class FollowerLink:
     def _resolve(self, shipment: Shipment, now: float, ok: bool, error: str | None = None) -> None:
         future = shipment.waiter
         if future is not None and not future.done():
-            future.set_result(
-                Delivery(
-                    follower=self.url,
-                    ok=ok,
-                    delay_ms=round(shipment.delay_ms, 3),
-                    latency_ms=round((now - shipment.enqueued_at) * 1000, 3),
-                    attempts=shipment.attempts + 1,
-                    error=error,
-                )
+            delivery = Delivery(
+                follower=self.url,
+                ok=ok,
+                delay_ms=round(shipment.delay_ms, 3),
+                latency_ms=round((now - shipment.enqueued_at) * 1000, 3),
+                attempts=shipment.attempts + 1,
+                error=error,
             )
+            future.set_result(delivery)
+            self.leader.delivered(delivery, shipment.entry)
 
     def _fail(self, batch: list[Shipment], error: str, now: float) -> None:
         backoff = self.progress.handle_failure(batch, now, error)

@@ -1,0 +1,108 @@
+"""The /ui page in a real browser: Playwright driving Debian's chromium against a real cluster.
+
+It writes and reads through the page's forms, freezes a follower (SIGSTOP) and requires its
+card to turn `down` within 2 s, thaws it and sees it come back `up`, checks that the page
+loads nothing from anywhere but the leader, and saves screenshots (KV_UI_SCREENSHOTS, or
+the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kv.settings import DEVELOPMENT_SECRET
+from tools.cluster import LocalCluster
+
+playwright_api = pytest.importorskip("playwright.async_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[object]:
+    if CHROMIUM is None:
+        missing = (
+            "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(missing)  # in CI a skip here would hide a broken install
+        pytest.skip(missing)
+    async with playwright_api.async_playwright() as playwright:
+        # Playwright's own browser download cannot work here: point it at Debian's.
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def test_the_live_page_writes_reads_and_shows_a_frozen_follower_down(browser, tmp_path: Path):
+    shots = Path(os.environ.get("KV_UI_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with LocalCluster(followers=3, quorum=2, max_delay_ms=300, base_port=0) as cluster:
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        expect = playwright_api.expect
+        await page.goto(f"{cluster.leader_url}/ui")
+        cards = page.locator(".card")
+        await expect(cards).to_have_count(3, timeout=5000)
+        for index in range(3):
+            await expect(cards.nth(index)).to_have_attribute("data-state", "up", timeout=5000)
+
+        # Write through the page at w=2, three times.
+        await page.select_option("#write-w", "2")
+        for i in range(3):
+            await page.get_by_label("Value (JSON)").fill(f'"v{i}"')
+            await page.get_by_role("button", name="Write").click()
+            await expect(page.locator("#write-result")).to_contain_text(f"200: version {i + 1}")
+        await expect(page.locator("#write-result")).to_contain_text("2 of w=2 confirmed")
+        await expect(page.locator("#flow tr")).to_have_count(9, timeout=5000)
+        await expect(page.locator("#feed li").first).to_contain_text('v3 colour = "v2"')
+
+        # Read it back from follower 2, with and without min_version.
+        await page.get_by_label("From").select_option("1")
+        await page.get_by_label("Only once it has my last write").check()
+        await page.get_by_role("button", name="Read").click()
+        await expect(page.locator("#read-result")).to_contain_text("200 from")
+        await expect(page.locator("#read-result")).to_contain_text('"v2" (version 3')
+        await page.screenshot(path=str(shots / "ui-writes.png"), full_page=True)
+
+        # Freeze follower 1: its card must say `down` within 2 s, then `up` after a thaw.
+        cluster.pause_follower(0)
+        frozen_at = time.monotonic()
+        try:
+            await expect(cards.nth(0)).to_have_attribute("data-state", "down", timeout=2000)
+            took = time.monotonic() - frozen_at
+            await expect(cards.nth(0)).to_contain_text("no answer within 500 ms")
+            await page.screenshot(path=str(shots / "ui-follower-down.png"), full_page=True)
+        finally:
+            cluster.resume_follower(0)
+        await expect(cards.nth(0)).to_have_attribute("data-state", "up", timeout=10000)
+        await expect(page.locator("#connection")).to_have_text("live")
+        print(f"the card turned down {took:.2f} s after SIGSTOP")
+
+        assert DEVELOPMENT_SECRET not in await page.content(), "nothing secret on the page"
+        leader = cluster.leader_url
+        outside = [url for url in requested if not url.startswith(leader) and url != "data:,"]
+        assert not outside, f"the page loaded from elsewhere: {outside}"
+        assert not errors, errors
+
+
+async def test_the_page_reconnects_after_the_leader_restarts(browser):
+    with LocalCluster(followers=1, quorum=1, max_delay_ms=0, base_port=0) as cluster:
+        page = await browser.new_page()
+        expect = playwright_api.expect
+        await page.goto(f"{cluster.leader_url}/ui")
+        await expect(page.locator("#connection")).to_have_text("live", timeout=5000)
+        await expect(page.locator("#summary")).to_contain_text("term 1")
+        cluster.restart_leader()
+        await expect(page.locator("#summary")).to_contain_text("term 2", timeout=15000)
+        await expect(page.locator("#connection")).to_have_text("live")
