@@ -67,12 +67,21 @@ async def test_the_live_page_writes_reads_and_shows_a_frozen_follower_down(brows
         await expect(page.locator("#flow tr")).to_have_count(9, timeout=5000)
         await expect(page.locator("#feed li").first).to_contain_text('v3 colour = "v2"')
 
+        # The keyboard alone: Tab from the key to the value, type, Enter submits.
+        await page.focus("#write-key")
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.id") == "write-value"
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type('"by keyboard"')
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#write-result")).to_contain_text("200: version 4")
+
         # Read it back from follower 2, with and without min_version.
         await page.get_by_label("From").select_option("1")
         await page.get_by_label("Only once it has my last write").check()
         await page.get_by_role("button", name="Read").click()
         await expect(page.locator("#read-result")).to_contain_text("200 from")
-        await expect(page.locator("#read-result")).to_contain_text('"v2" (version 3')
+        await expect(page.locator("#read-result")).to_contain_text('"by keyboard" (version 4')
         await page.screenshot(path=str(shots / "ui-writes.png"), full_page=True)
 
         # Freeze follower 1: its card must say `down` within 2 s, then `up` after a thaw.
