@@ -163,7 +163,22 @@ async def read(
     followers = leader.settings.followers
     if node >= len(followers):
         raise HTTPException(422, f"node must be -1 (the leader) or 0..{len(followers) - 1}")
-    base = str(request.base_url).rstrip("/") if node < 0 else followers[node]
+    if node < 0:
+        # The leader answers from its own store: the URL the browser used may not be one
+        # the leader can reach itself by (a published container port).
+        entry = leader.store.get(key)
+        found: dict[str, Any] = (
+            {"key": entry.key, "value": entry.value, "version": entry.version}
+            if entry is not None
+            else {"error": f"key {key!r} not found"}
+        )
+        return {
+            "node": "the leader",
+            "status": 200 if entry is not None else 404,
+            "body": found,
+            "last_version": str(leader.applied_through),
+        }
+    base = followers[node]
     params: dict[str, Any] = {"wait_ms": wait_ms}
     if min_version is not None:
         params["min_version"] = min_version

@@ -82,6 +82,10 @@ async def test_the_live_page_writes_reads_and_shows_a_frozen_follower_down(brows
         await page.get_by_role("button", name="Read").click()
         await expect(page.locator("#read-result")).to_contain_text("200 from")
         await expect(page.locator("#read-result")).to_contain_text('"by keyboard" (version 4')
+        await page.get_by_label("From").select_option("-1")
+        await page.get_by_label("Only once it has my last write").uncheck()
+        await page.get_by_role("button", name="Read").click()
+        await expect(page.locator("#read-result")).to_contain_text('200 from the leader: "by')
         await page.screenshot(path=str(shots / "ui-writes.png"), full_page=True)
 
         # Freeze follower 1: its card must say `down` within 2 s, then `up` after a thaw.
