@@ -18,7 +18,7 @@ from fastapi_offline import FastAPIOffline
 from kv.follower.node import Refused
 from kv.follower.service import FollowerService
 from kv.settings import FollowerSettings, load_settings
-from kv.web import internal
+from kv.web import internal, status
 from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
 from kv.web.limits import RejectLargeBodies
@@ -26,7 +26,6 @@ from kv.web.logs import configure_logging, install_access_log
 from kv.web.metrics import METRICS_RESPONSES, FollowerCollector, metrics_response, registry_for
 from kv.web.reads import KEY_ROUTE, KeyPath, read_router
 from kv.web.schemas import (
-    FollowerConfig,
     FollowerEntries,
     HealthResponse,
     NodeInfo,
@@ -184,18 +183,7 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/", response_model=NodeInfo, tags=["node"])
 async def info(request: Request) -> NodeInfo:
-    settings = service(request).settings
-    return NodeInfo(
-        role="follower",
-        config=FollowerConfig(
-            node_name=settings.name,
-            leader_url=settings.leader_url,
-            max_value_bytes=settings.max_value_bytes,
-            data_dir=str(settings.data_dir) if settings.data_dir else None,
-            appendfsync=settings.appendfsync.value,
-            development_secret=settings.uses_development_secret,
-        ),
-    )
+    return status.follower_info(service(request).settings)
 
 
 app = create_app()

@@ -136,6 +136,10 @@ class FollowerProgress:
             return FollowerState.LAGGING
         return FollowerState.UP
 
+    def lag(self, last_version: int) -> int:
+        """Versions behind a leader at `last_version`, by the follower's last report."""
+        return max(0, last_version - self.follower_last_version)
+
     def backlog(self, now: float) -> int:
         """Entries the follower has failed to take so far: past their simulated delay but
         unconfirmed, not counting a snapshot. What MAX_REPLICATION_QUEUE caps."""

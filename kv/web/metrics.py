@@ -124,9 +124,7 @@ class LeaderCollector(Collector):
             current = progress.state(now)
             for each in FollowerState:
                 state.add_metric([url, each.value], int(each is current))
-            lag.add_metric(
-                [url], max(0, self.node.store.last_version - progress.follower_last_version)
-            )
+            lag.add_metric([url], progress.lag(self.node.store.last_version))
             pending.add_metric([url], progress.pending)
             backlog.add_metric([url], progress.backlog(now))
             if progress.heartbeat_rtt is not None:

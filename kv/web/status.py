@@ -1,11 +1,20 @@
-"""The leader's status bodies: /health (liveness, each follower's state), /ready and /."""
+"""Status bodies: the leader's /health (each follower's state) and /ready, and both roles' /."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from kv.leader.service import LeaderNode
-from kv.web.schemas import FollowerStatus, HealthResponse, LeaderConfig, NodeInfo, ReadyResponse
+from kv.settings import FollowerSettings, NodeSettings
+from kv.web.schemas import (
+    FollowerConfig,
+    FollowerStatus,
+    HealthResponse,
+    LeaderConfig,
+    NodeInfo,
+    ReadyResponse,
+)
 
 
 def leader_health(node: LeaderNode) -> HealthResponse:
@@ -20,7 +29,7 @@ def leader_health(node: LeaderNode) -> HealthResponse:
             FollowerStatus(
                 url=link.url,
                 state=link.state.value,
-                lag=max(0, store.last_version - link.progress.follower_last_version),
+                lag=link.progress.lag(store.last_version),
                 pending=link.progress.pending,
                 backlog=link.progress.backlog(now),
                 delivered=link.progress.delivered,
@@ -53,12 +62,23 @@ def leader_ready(node: LeaderNode) -> ReadyResponse:
     )
 
 
+def node_config(settings: NodeSettings) -> dict[str, Any]:
+    """The part of `GET /` both roles show: never the secret, only whether it is the default."""
+    return {
+        "node_name": settings.name,
+        "max_value_bytes": settings.max_value_bytes,
+        "data_dir": str(settings.data_dir) if settings.data_dir else None,
+        "appendfsync": settings.appendfsync.value,
+        "development_secret": settings.uses_development_secret,
+    }
+
+
 def leader_info(node: LeaderNode) -> NodeInfo:
     settings = node.settings
     return NodeInfo(
         role="leader",
         config=LeaderConfig(
-            node_name=settings.name,
+            **node_config(settings),
             followers=settings.followers,
             write_quorum=settings.quorum,
             startup_quorum=node.startup.quorum,
@@ -67,9 +87,12 @@ def leader_info(node: LeaderNode) -> NodeInfo:
             replication_timeout_ms=settings.replication_timeout_ms,
             heartbeat_timeout_ms=settings.heartbeat_timeout_ms,
             max_replication_queue=settings.max_replication_queue,
-            max_value_bytes=settings.max_value_bytes,
-            data_dir=str(settings.data_dir) if settings.data_dir else None,
-            appendfsync=settings.appendfsync.value,
-            development_secret=settings.uses_development_secret,
         ),
+    )
+
+
+def follower_info(settings: FollowerSettings) -> NodeInfo:
+    return NodeInfo(
+        role="follower",
+        config=FollowerConfig(**node_config(settings), leader_url=settings.leader_url),
     )
