@@ -23,7 +23,7 @@ from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
-from kv.web.metrics import METRICS_RESPONSES, FollowerCollector, metrics_response, registry_for
+from kv.web.metrics import FollowerCollector, metrics_router
 from kv.web.reads import KEY_ROUTE, KeyPath, read_router
 from kv.web.schemas import (
     FollowerEntries,
@@ -63,7 +63,6 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.node = node
-    app.state.metrics = registry_for(FollowerCollector(node))
     install_error_handlers(app)
     app.add_middleware(RejectLargeBodies, limit=BATCH_BYTES + settings.max_body_bytes)
     app.add_middleware(
@@ -74,6 +73,7 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "follower"))
     app.include_router(watch_router(node))
+    app.include_router(metrics_router(FollowerCollector(node)))
     app.include_router(router)
     return app
 
@@ -173,12 +173,6 @@ async def health(request: Request) -> HealthResponse:
 async def ready(request: Request) -> ReadyResponse:
     """A follower is ready once it answers: it applies whatever a leader sends."""
     return ReadyResponse(ready=True, term=service(request).term)
-
-
-@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES, tags=["node"])
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics, read from the node's state at scrape time (see the README)."""
-    return metrics_response(request.app.state.metrics)
 
 
 @router.get("/", response_model=NodeInfo, tags=["node"])

@@ -39,7 +39,7 @@ from kv.web.consistency import MAX_WAIT_MS
 from kv.web.errors import install_error_handlers, key_not_found
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
-from kv.web.metrics import METRICS_RESPONSES, LeaderCollector, metrics_response, registry_for
+from kv.web.metrics import LeaderCollector, metrics_router
 from kv.web.reads import KEY_ROUTE, NOT_FOUND, KeyPath, read_router
 from kv.web.schemas import HealthResponse, NodeInfo, ReadyResponse, ValueRequest, WriteRequest
 from kv.web.schemas import WriteResponse as Written
@@ -83,12 +83,12 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.node = node
-    app.state.metrics = registry_for(LeaderCollector(node))
     install_error_handlers(app)
     app.add_middleware(RejectLargeBodies, limit=settings.max_body_bytes)
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "leader"))
     app.include_router(watch_router(node))
+    app.include_router(metrics_router(LeaderCollector(node)))
     app.include_router(router)
     app.include_router(ui.router)
     return app
@@ -266,12 +266,6 @@ async def ready(request: Request) -> JSONResponse:
     Liveness is `/health`."""
     body = status.leader_ready(request.app.state.node)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
-
-
-@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES, tags=["node"])
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics, read from the node's state at scrape time (see the README)."""
-    return metrics_response(request.app.state.metrics)
 
 
 @router.get("/", response_model=NodeInfo, tags=["node"])

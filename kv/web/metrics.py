@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -170,8 +171,17 @@ def registry_for(collector: Collector) -> CollectorRegistry:
     return registry
 
 
-def metrics_response(registry: CollectorRegistry) -> Response:
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+def metrics_router(collector: Collector) -> APIRouter:
+    """`GET /metrics`, the same route on both roles; only the collector differs."""
+    registry = registry_for(collector)
+    router = APIRouter(tags=["node"])
+
+    @router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
+    async def metrics() -> Response:
+        """Prometheus metrics, read from the node's state at scrape time (see the README)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
 
 
 def _bound(le: float) -> str:
