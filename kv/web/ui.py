@@ -12,7 +12,6 @@ through `GET /ui/api/read`, so the page never needs another origin.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +26,7 @@ from kv.leader.service import LeaderNode
 from kv.network.delivery import Delivery
 from kv.web.consistency import LAST_VERSION_HEADER, MAX_WAIT_MS
 from kv.web.status import leader_health
+from kv.web.watch import sse_event
 
 ASSETS = Path(__file__).with_name("ui")
 TYPES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -75,10 +75,6 @@ def states(snapshot: dict[str, Any]) -> list[str]:
     return [follower["state"] for follower in snapshot["followers"]]
 
 
-def sse(kind: str, data: dict[str, Any]) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
-
-
 router = APIRouter(prefix="/ui", tags=["ui"])
 
 
@@ -123,7 +119,7 @@ async def events(request: Request) -> StreamingResponse:
                     # once when a follower changes state: a card turns `down` without delay.
                     state = snapshot(node)
                     if sent is None or now - sent_at >= 1.0 or states(state) != states(sent):
-                        yield sse("state", state)
+                        yield sse_event("state", state)
                         sent, sent_at = state, now
                     next_check = now + STATE_CHECK_S
                 try:
@@ -131,7 +127,7 @@ async def events(request: Request) -> StreamingResponse:
                         delivery, entry = await queue.get()
                 except TimeoutError:
                     continue
-                yield sse(
+                yield sse_event(
                     "delivery",
                     {
                         "follower": delivery.follower,

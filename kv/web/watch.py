@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
@@ -47,7 +47,8 @@ def event(entry: Entry) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (entry.version, kind, entry.encoded)
 
 
-def notice(kind: str, data: dict[str, object]) -> bytes:
+def sse_event(kind: str, data: dict[str, Any]) -> bytes:
+    """A Server-Sent Event without an id: a notice on /watch, or a /ui/api/events update."""
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
 
@@ -104,7 +105,7 @@ def catch_up_from(
     if ring is not None:
         return [], [entry for entry in ring if wanted(entry)]
     through = feed.released_through
-    head = notice(
+    head = sse_event(
         "compacted",
         {
             "since_version": since,
@@ -156,7 +157,7 @@ def watch_router(node: ReadableNode) -> APIRouter:
                     yield event(entry)
                 while True:
                     if subscription.overflowed and subscription.queue.empty():
-                        yield notice(
+                        yield sse_event(
                             "overflow",
                             {
                                 "last_version": last,
