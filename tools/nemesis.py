@@ -13,8 +13,9 @@ end every node is healed, and the checker goes over the whole history:
 
 * no version was ever given to two different writes;
 * every write acknowledged (200) at w >= 1 is on the leader (that version or a
-  newer one) if a follower that confirmed it kept its memory afterwards; a
-  deletion likewise stays deleted unless written again;
+  newer one, or deleted by a later delete, answered or not: a request the leader
+  died before answering may have taken effect) if a follower that confirmed it
+  kept its memory afterwards; a deletion likewise stays deleted unless written again;
 * every replica's /state equals the leader's after quiescence;
 * no request got a 5xx other than the documented 503.
 
@@ -190,6 +191,19 @@ async def quiesce(client: httpx.AsyncClient, cluster: LocalCluster, timeout: flo
         await asyncio.sleep(0.1)
 
 
+def may_follow(later: Operation, op: Operation) -> bool:
+    """Whether `later` may have been applied under a newer version than `op`'s.
+
+    With a version, compare. Without one (no answer: the leader died after applying it,
+    or before), it may have taken effect, after `op` if it was still in flight once `op`
+    began; an unanswered operation is neither lost nor known to have happened.
+    """
+    assert op.version is not None
+    if later.version is not None:
+        return later.version > op.version
+    return later.status is None and later.finished > op.started
+
+
 def check(history: History, final: dict) -> tuple[list[str], int]:
     """The anomalies found over the whole history, and how many acknowledged writes were checked."""
     anomalies: list[str] = []
@@ -221,7 +235,7 @@ def check(history: History, final: dict) -> tuple[list[str], int]:
         if op.kind == "write" and (held is None or held < op.version):
             # Absent with a newer deletion is fine: look for one in the history.
             deleted_later = any(
-                o.kind == "delete" and o.key == op.key and o.version and o.version > op.version
+                o.kind == "delete" and o.key == op.key and may_follow(o, op)
                 for o in history.operations
             )
             if not (held is None and deleted_later):
