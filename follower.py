@@ -3,17 +3,22 @@
 Run it with `python -m uvicorn follower:app --port 8001`. Clients may read from
 any follower; writes go to the leader, and a follower refuses them with 403. The
 rules live in kv/follower/node.py (FollowerCore); these routes only translate HTTP.
+
+An HA node (`python -m kv.ha`) runs this same app while it follows; there a write is
+redirected (307) to the elected leader, or answered 503 while none is known.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from prometheus_client.registry import Collector
 
 from kv.follower.node import Refused
 from kv.follower.service import FollowerService
@@ -29,6 +34,7 @@ from kv.web.schemas import (
     FollowerEntries,
     HealthResponse,
     NodeInfo,
+    PrimaryResponse,
     ReadyResponse,
     ReplicateRequest,
     ReplicateResponse,
@@ -39,10 +45,19 @@ log = logging.getLogger("kvstore.follower")
 BATCH_BYTES = 4 * 1024 * 1024  # one batch holds at most 4 MiB of entries, or one larger entry
 
 
-def create_app(settings: FollowerSettings | None = None) -> FastAPI:
+def create_app(
+    settings: FollowerSettings | None = None,
+    *,
+    node: FollowerService | None = None,
+    routers: Sequence[APIRouter] = (),
+    collectors: Sequence[Collector] = (),
+) -> FastAPI:
+    """Build a follower app; an HA node passes the `node` it built (and owns logging), and
+    its own `routers` and metric `collectors`."""
     settings = settings or load_settings(FollowerSettings)
-    configure_logging(settings)
-    node = FollowerService(settings)
+    if node is None:
+        configure_logging(settings)
+        node = FollowerService(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +65,8 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
         log.info(
             "follower %s ready; leader is %s",
             node.core.node_id[:8],
-            settings.leader_url or "not named (LEADER_URL is unset)",
+            node.leader_url
+            or ("not known yet (elected)" if node.election else "not named (LEADER_URL is unset)"),
         )
         try:
             yield
@@ -73,8 +89,10 @@ def create_app(settings: FollowerSettings | None = None) -> FastAPI:
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "follower"))
     app.include_router(watch_router(node))
-    app.include_router(metrics_router(FollowerCollector(node)))
+    app.include_router(metrics_router(FollowerCollector(node), *collectors))
     app.include_router(router)
+    for extra in routers:
+        app.include_router(extra)
     return app
 
 
@@ -141,21 +159,21 @@ async def entries(
 
 
 @router.post("/keys", responses=internal.REJECTED_WRITE, tags=["writes"], status_code=403)
-async def write_key(request: Request) -> Any:
-    """Refused: writes go to the leader."""
-    raise internal.write_refused(service(request).settings.leader_url)
+async def write_key(request: Request) -> Response:
+    """Writes go to the leader: 403 naming it (HA: 307 to it, or 503 while none is known)."""
+    return internal.write_elsewhere(request, service(request))
 
 
 @router.put(KEY_ROUTE, responses=internal.REJECTED_WRITE, tags=["writes"], status_code=403)
-async def put_key(request: Request, key: KeyPath) -> Any:
-    """Refused: writes go to the leader."""
-    raise internal.write_refused(service(request).settings.leader_url)
+async def put_key(request: Request, key: KeyPath) -> Response:
+    """Writes go to the leader: 403 naming it (HA: 307 to it, or 503 while none is known)."""
+    return internal.write_elsewhere(request, service(request))
 
 
 @router.delete(KEY_ROUTE, responses=internal.REJECTED_WRITE, tags=["writes"], status_code=403)
-async def delete_key(request: Request, key: KeyPath) -> Any:
-    """Refused: writes go to the leader."""
-    raise internal.write_refused(service(request).settings.leader_url)
+async def delete_key(request: Request, key: KeyPath) -> Response:
+    """Writes go to the leader: 403 naming it (HA: 307 to it, or 503 while none is known)."""
+    return internal.write_elsewhere(request, service(request))
 
 
 @router.get(
@@ -163,10 +181,21 @@ async def delete_key(request: Request, key: KeyPath) -> Any:
 )
 async def health(request: Request) -> HealthResponse:
     """Liveness: 200 while the process answers."""
+    return status.follower_health(service(request))
+
+
+@router.get(
+    "/primary",
+    response_model=PrimaryResponse,
+    responses={503: {"model": PrimaryResponse, "description": "A follower is never primary."}},
+    tags=["node"],
+)
+async def primary(request: Request) -> JSONResponse:
+    """503: a follower takes no writes. HAProxy sends writes to the node answering 200."""
     node = service(request)
-    return HealthResponse(
-        role="follower", last_version=node.storage.store.last_version, term=node.term
-    )
+    leader = node.leader_name or node.leader_url
+    reason = "this node is a follower" + (f"; {leader} leads" if leader else "")
+    return status.primary_answer(node, "follower", reason)
 
 
 @router.get("/ready", response_model=ReadyResponse, tags=["node"])
@@ -177,7 +206,13 @@ async def ready(request: Request) -> ReadyResponse:
 
 @router.get("/", response_model=NodeInfo, tags=["node"])
 async def info(request: Request) -> NodeInfo:
-    return status.follower_info(service(request).settings)
+    return status.follower_info(service(request))
 
 
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    """`follower:app`, for uvicorn, built from the environment on first use: importing this
+    module (as the HA node and the tests do) builds nothing."""
+    if name == "app":
+        built = globals()["app"] = create_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,12 +13,16 @@ from the environment (kv/settings.py, and the README). A write is three steps:
 
 Before its first write a starting leader reads the entries of STARTUP_QUORUM
 followers; until then `/ready` and writes answer 503, and reads are served.
+
+An HA node (`python -m kv.ha`) runs this same app while it leads, built around the
+store it kept as a follower; its lease is checked before a write is taken and again
+before it is acknowledged (`node.refusal()`).
 """
 
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -26,6 +30,7 @@ import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from prometheus_client.registry import Collector
 
 from kv.core.records import Entry
 from kv.core.stats import WriteFailure
@@ -41,7 +46,14 @@ from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
 from kv.web.metrics import LeaderCollector, metrics_router
 from kv.web.reads import KEY_ROUTE, NOT_FOUND, KeyPath, read_router
-from kv.web.schemas import HealthResponse, NodeInfo, ReadyResponse, ValueRequest, WriteRequest
+from kv.web.schemas import (
+    HealthResponse,
+    NodeInfo,
+    PrimaryResponse,
+    ReadyResponse,
+    ValueRequest,
+    WriteRequest,
+)
 from kv.web.schemas import WriteResponse as Written
 from kv.web.watch import watch_router
 
@@ -58,11 +70,17 @@ def create_app(
     *,
     client_factory: ClientFactory | None = None,
     rng: random.Random | None = None,
+    node: LeaderNode | None = None,
+    routers: Sequence[APIRouter] = (),
+    collectors: Sequence[Collector] = (),
 ) -> FastAPI:
-    """Build a leader app. Tests pass `client_factory` to reach followers in-process."""
+    """Build a leader app. Tests pass `client_factory` to reach followers in-process; an HA
+    node passes the `node` it built (and owns logging), and its own `routers` and metric
+    `collectors`."""
     settings = settings or load_settings(LeaderSettings)
-    configure_logging(settings)
-    node = LeaderNode(settings, client_factory=client_factory, rng=rng)
+    if node is None:
+        configure_logging(settings)
+        node = LeaderNode(settings, client_factory=client_factory, rng=rng)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,9 +106,11 @@ def create_app(
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "leader"))
     app.include_router(watch_router(node))
-    app.include_router(metrics_router(LeaderCollector(node)))
+    app.include_router(metrics_router(LeaderCollector(node), *collectors))
     app.include_router(router)
     app.include_router(ui.router)
+    for extra in routers:
+        app.include_router(extra)
     return app
 
 
@@ -134,6 +154,9 @@ async def replicate(
     outcome = await wait_for_quorum(futures, required, timeout)
     latency_s = time.monotonic() - started_at
     failure = writes.why_missed(outcome, reachable)
+    if failure is None and (lost := node.refusal()) is not None:
+        node.write_stats.failed(WriteFailure.STEPPED_DOWN)
+        return writes.not_acknowledged(entry, lost)
     if failure is None:
         node.write_stats.acknowledged(required, latency_s)
     else:
@@ -156,7 +179,7 @@ def ready_node(request: Request, w: int | None) -> LeaderNode:
     writes.check_quorum(w, len(node.settings.followers))
     if (reason := node.waiting_reason()) is not None:
         node.write_stats.failed(WriteFailure.STARTING)
-        raise HTTPException(503, reason)
+        raise HTTPException(503, reason, headers={"Retry-After": "1"})
     return node
 
 
@@ -268,9 +291,27 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
+@router.get(
+    "/primary",
+    response_model=PrimaryResponse,
+    responses={503: {"model": PrimaryResponse, "description": "Not the primary now."}},
+    tags=["node"],
+)
+async def primary(request: Request) -> JSONResponse:
+    """200 while this node leads and takes writes: the check HAProxy sends writes by."""
+    node: LeaderNode = request.app.state.node
+    return status.primary_answer(node, "leader", node.primary_reason())
+
+
 @router.get("/", response_model=NodeInfo, tags=["node"])
 async def info(request: Request) -> NodeInfo:
     return status.leader_info(request.app.state.node)
 
 
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    """`leader:app`, for uvicorn, built from the environment on first use: importing this
+    module (as the HA node and the tests do) builds nothing."""
+    if name == "app":
+        built = globals()["app"] = create_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -230,3 +230,131 @@ def port_from_argv(argv: list[str]) -> str | None:
         if arg.startswith("--port="):
             return arg.removeprefix("--port=")
     return None
+
+
+ETCD_MIN_TTL_S = 2
+"""etcd grants no lease under 2 s (a TTL of 1 is granted as 2)."""
+
+
+class HASettings(NodeSettings):
+    """`python -m kv.ha`: one node of a cluster whose leader is elected through etcd.
+
+    The write path's settings (WRITE_QUORUM, delays, timeouts...) are the leader's and are
+    read by :meth:`leader_settings`; these are the election's. Defaults meet the failover
+    goal in the README: a SIGKILLed leader's lease is gone 2.0-2.5 s after its last
+    keepalive, and the most up-to-date follower campaigns at once.
+    """
+
+    ROLE: ClassVar[str] = "node"
+
+    cluster: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    etcd_endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    etcd_prefix: str = Field("/replicated-kv", pattern=r"^/[\w./-]*[^/]$")
+    # The leader key's lease. etcd's minimum is 2 s.
+    lease_ttl_s: int = Field(ETCD_MIN_TTL_S, ge=ETCD_MIN_TTL_S, le=600)
+    # How often the leader renews its lease; also how often every node re-reads etcd when
+    # the watch has told it nothing.
+    lease_renew_ms: float = Field(500, ge=50, le=60_000)
+    # The leader stops acknowledging writes this long before its lease can have expired,
+    # counted from when the last answered keepalive was sent.
+    lease_margin_ms: float = Field(500, ge=0, le=60_000)
+    # 0: never lead. Among equally up-to-date followers the highest priority campaigns first.
+    failover_priority: int = Field(1, ge=0, le=1000)
+    # A follower that is behind waits this long per better-placed peer before it campaigns.
+    campaign_delay_ms: float = Field(300, ge=0, le=60_000)
+    write_quorum: int | None = Field(None, ge=0)
+
+    @field_validator("cluster", mode="before")
+    @classmethod
+    def _parse_cluster(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        members: dict[str, str] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            name, sep, url = part.partition("=")
+            name = name.strip()
+            if not sep or not name or not url.strip():
+                raise ValueError(f"{part!r} is not name=url")
+            if name in members:
+                raise ValueError(f"names {name!r} more than once")
+            members[name] = normalise_url(url)
+        urls = list(members.values())
+        duplicates = sorted({url for url in urls if urls.count(url) > 1})
+        if duplicates:
+            raise ValueError(f"lists {', '.join(duplicates)} more than once")
+        return members
+
+    @field_validator("etcd_endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [normalise_url(p) for p in value.split(",") if p.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_membership(self) -> HASettings:
+        if not self.cluster:
+            raise ValueError("CLUSTER is required: every node as name=url, comma-separated")
+        if len(self.cluster) < 2:
+            raise ValueError("CLUSTER must name at least two nodes (a leader and a follower)")
+        if not self.node_name:
+            raise ValueError("NODE_NAME is required: this node's name in CLUSTER")
+        if self.node_name not in self.cluster:
+            raise ValueError(
+                f"NODE_NAME {self.node_name!r} is not in CLUSTER ({', '.join(self.cluster)})"
+            )
+        if not self.etcd_endpoints:
+            raise ValueError("ETCD_ENDPOINTS is required: etcd's client URLs, comma-separated")
+        followers = len(self.cluster) - 1
+        if self.write_quorum is not None and self.write_quorum > followers:
+            raise ValueError(
+                f"WRITE_QUORUM is {self.write_quorum} but CLUSTER has {len(self.cluster)} nodes, "
+                f"so a leader has {followers} followers; it must be between 0 and {followers}"
+            )
+        if self.lease_margin_ms >= self.lease_ttl_s * 1000:
+            raise ValueError(
+                f"LEASE_MARGIN_MS ({self.lease_margin_ms:g}) must be below LEASE_TTL_S "
+                f"({self.lease_ttl_s}) in ms"
+            )
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.cluster[str(self.node_name)]
+
+    @property
+    def peers(self) -> dict[str, str]:
+        """Every other node, by name: a leader's followers."""
+        return {name: url for name, url in self.cluster.items() if name != self.node_name}
+
+    @property
+    def quorum(self) -> int:
+        if self.write_quorum is None:
+            return min(DEFAULT_WRITE_QUORUM, len(self.peers))
+        return self.write_quorum
+
+    def leader_settings(self) -> LeaderSettings:
+        """This node's settings as a leader: its peers are its followers; the rest of the
+        leader's settings come from the environment, as for leader.py."""
+        return LeaderSettings(
+            followers=list(self.peers.values()),
+            write_quorum=self.quorum,
+            startup_quorum=promoted_startup_quorum(len(self.peers), self.quorum),
+            node_name=self.node_name,
+        )
+
+    def follower_settings(self) -> FollowerSettings:
+        return FollowerSettings(node_name=self.node_name, leader_url=None)
+
+
+def promoted_startup_quorum(followers: int, write_quorum: int) -> int:
+    """The peers a promoted follower reads before it takes writes: N - W, itself the N-W+1th.
+
+    A write acknowledged at quorum W is on W of the N nodes other than the leader that
+    assigned it. A promoted node is one of those N, and it holds what it confirmed, so it
+    and N - W more of them meet every such set of W. Capped at N - 1: the old leader, one of
+    the N peers, may be dead (this only matters at W = 0, which guarantees nothing anyway).
+    """
+    return max(0, min(followers - write_quorum, followers - 1))

@@ -4,12 +4,15 @@
     python tools/cluster.py --followers 3 --quorum 2 --max-delay-ms 200 --base-port 9000
     python tools/cluster.py --base-port 0         # free ports, printed at start-up
     python tools/cluster.py --memory              # no DATA_DIR (default: each node's log in .data/)
+    python tools/cluster.py --ha                  # a private etcd and six HA nodes on 8000-8005
 
 Ctrl-C stops every process. The same :class:`LocalCluster` is what the tests and
 scripts use when no running cluster is given, and it doubles as their fault
 injector: it can kill, restart, freeze (SIGSTOP) and thaw followers.
 :class:`ComposeCluster` does the same to the containers of a docker compose
-stack; both satisfy :class:`ClusterControl`.
+stack; both satisfy :class:`ClusterControl`. :class:`HACluster` starts a private etcd
+(:class:`PrivateEtcd`) and nodes that elect their leader through it (`python -m kv.ha`),
+each in a process group of its own, which is what its faults signal.
 """
 
 from __future__ import annotations
@@ -464,6 +467,319 @@ def default_compose_command() -> list[str]:
     return ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
 
 
+ETCD_MISSING = (
+    "the etcd binary is not installed: apt-get install etcd-server, or point ETCD_ENDPOINTS "
+    "at a running etcd"
+)
+
+
+class PrivateEtcd:
+    """A single-member etcd on free loopback ports, with its own data dir, for runs and tests.
+
+    Production points ETCD_ENDPOINTS at a three-member etcd instead."""
+
+    def __init__(self, data_dir: Path, log_path: Path | None = None) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> PrivateEtcd:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise RuntimeError(ETCD_MISSING)
+        peer = f"http://{HOST}:{self.peer_port}"
+        command = [
+            binary, "--name", "kv", "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"kv={peer}", "--log-level", "warn",
+        ]  # fmt: skip
+        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            if self.log_path:
+                output.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=1.0, trust_env=False) as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"etcd exited with code {self.process.returncode}")
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"etcd not healthy at {self.url} after {timeout:g} s")
+                time.sleep(0.05)
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@dataclass
+class HANodeProcess:
+    """One `python -m kv.ha` process, in a process group of its own."""
+
+    name: str
+    port: int
+    env: dict[str, str]
+    log_path: Path | None = None
+    cwd: Path = ROOT
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kv.ha"],
+                cwd=self.cwd,
+                env={**os.environ, **self.env},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # the node is its process group
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            if output is not None:
+                output.close()
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the node's whole process group, as an operator or a test would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signum)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.signal_group(signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.signal_group(signal.SIGCONT)
+            self.signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+
+@dataclass
+class HACluster:
+    """`nodes` HA nodes (`python -m kv.ha`) electing their leader through etcd: a private
+    one on free ports unless `etcd_endpoints` names one."""
+
+    nodes: int = 6
+    quorum: int | None = None
+    min_delay_ms: float = 0
+    max_delay_ms: float = 1000
+    base_port: int = 8000
+    secret: str | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    node_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    log_dir: Path | None = None
+    data_dir: Path | None = None
+    scratch: Path | None = None
+    """Where the private etcd keeps its data (default: a folder under data_dir or /tmp)."""
+    etcd_endpoints: str | None = None
+    members: list[HANodeProcess] = field(default_factory=list, init=False)
+    etcd: PrivateEtcd | None = field(default=None, init=False)
+    _tmp: Path | None = field(default=None, init=False)
+
+    def _ports(self) -> list[int]:
+        if self.base_port == 0:
+            return [free_port() for _ in range(self.nodes)]
+        return [self.base_port + i for i in range(self.nodes)]
+
+    def start(self, timeout: float = 60.0) -> HACluster:
+        ports = self._ports()
+        ensure_free(ports)
+        try:
+            endpoints = self.etcd_endpoints or self._start_etcd()
+            names = [f"node{i + 1}" for i in range(self.nodes)]
+            cluster = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(names, ports, strict=True))
+            common = dict(self.extra_env)
+            if self.secret is not None:
+                common["REPLICATION_SECRET"] = self.secret
+            if self.quorum is not None:
+                common["WRITE_QUORUM"] = str(self.quorum)
+            common |= {
+                "CLUSTER": cluster,
+                "ETCD_ENDPOINTS": endpoints,
+                "MIN_DELAY_MS": f"{self.min_delay_ms:g}",
+                "MAX_DELAY_MS": f"{self.max_delay_ms:g}",
+            }
+            self.members = [
+                HANodeProcess(
+                    name,
+                    port,
+                    {
+                        **common,
+                        "NODE_NAME": name,
+                        **(
+                            {} if self.data_dir is None else {"DATA_DIR": str(self.data_dir / name)}
+                        ),
+                        **self.node_env.get(name, {}),
+                    },
+                    None if self.log_dir is None else self.log_dir / f"{name}.log",
+                )
+                for name, port in zip(names, ports, strict=True)
+            ]
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+            for member in self.members:
+                member.start()
+            self.wait_for_primary(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _data(self, name: str) -> dict[str, str]:
+        return {} if self.data_dir is None else {"DATA_DIR": str(self.data_dir / name)}
+
+    def _start_etcd(self) -> str:
+        import tempfile
+
+        if self.scratch is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="kv-etcd-"))
+            self.scratch = self._tmp
+        log_path = None if self.log_dir is None else self.log_dir / "etcd.log"
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.etcd = PrivateEtcd(self.scratch / "etcd", log_path).start()
+        return self.etcd.url
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> HACluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # -- who leads ------------------------------------------------------------------
+
+    def member(self, name: str) -> HANodeProcess:
+        return next(m for m in self.members if m.name == name)
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def primaries(self, client: httpx.Client | None = None) -> list[str]:
+        """The names of the nodes answering /primary with 200 now."""
+        own = client is None
+        client = client or httpx.Client(timeout=0.5, trust_env=False)
+        try:
+            found = []
+            for member in self.members:
+                if not member.running:
+                    continue
+                try:
+                    if client.get(f"{member.url}/primary").status_code == 200:
+                        found.append(member.name)
+                except httpx.HTTPError:
+                    pass
+            return found
+        finally:
+            if own:
+                client.close()
+
+    def wait_for_primary(self, timeout: float = 30.0, exclude: Sequence[str] = ()) -> str:
+        """Poll until exactly one node (not in `exclude`) is primary; its name."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=0.5, trust_env=False) as client:
+            while True:
+                for member in self.members:
+                    if member.process is not None and member.process.poll() is not None:
+                        raise RuntimeError(
+                            f"{member.name} exited with code {member.process.returncode}"
+                        )
+                found = [n for n in self.primaries(client) if n not in exclude]
+                if len(found) == 1:
+                    return found[0]
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no single primary after {timeout:g} s (found {found})")
+                time.sleep(0.05)
+
+    def leader_url(self, timeout: float = 30.0) -> str:
+        return self.member(self.wait_for_primary(timeout)).url
+
+    # -- faults, by node name ------------------------------------------------------------
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the node's process group: nothing is left running."""
+        self.member(name).kill()
+
+    def terminate(self, name: str) -> None:
+        """SIGTERM the node's process group: a leader hands over, then the node exits."""
+        self.member(name).signal_group(signal.SIGTERM)
+
+    def pause(self, name: str) -> None:
+        self.member(name).signal_group(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self.member(name).signal_group(signal.SIGCONT)
+
+    def restart(self, name: str, timeout: float = 30.0) -> None:
+        member = self.member(name)
+        member.stop()
+        member.start()
+        wait_healthy([member.url], timeout, [member.process] if member.process else [])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -499,6 +815,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="each node's DATA_DIR goes in a folder under here (default .data)",
     )
     parser.add_argument("--memory", action="store_true", help="keep no data on disk (no DATA_DIR)")
+    parser.add_argument(
+        "--ha",
+        action="store_true",
+        help="elect the leader through etcd: --followers + 1 HA nodes (python -m kv.ha) and a "
+        "private etcd, unless ETCD_ENDPOINTS names one",
+    )
     args = parser.parse_args(argv)
     if args.followers < 0:
         parser.error("--followers must be 0 or more")
@@ -514,8 +836,59 @@ def raise_keyboard_interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+def main_ha(args: argparse.Namespace) -> int:
+    """`--ha`: a private etcd and HA nodes; print who leads, and each change of leader."""
+    if not os.environ.get("ETCD_ENDPOINTS") and shutil.which("etcd") is None:
+        print(ETCD_MISSING, file=sys.stderr)
+        return 1
+    data_dir = None if args.memory else args.data_dir / "ha"
+    cluster = HACluster(
+        nodes=args.followers + 1,
+        quorum=args.quorum,
+        min_delay_ms=args.min_delay_ms,
+        max_delay_ms=args.max_delay_ms,
+        base_port=args.base_port,
+        log_dir=args.log_dir,
+        data_dir=data_dir,
+        scratch=None if data_dir is None else data_dir,
+        etcd_endpoints=os.environ.get("ETCD_ENDPOINTS") or None,
+    )
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        cluster.start()
+        where = cluster.etcd.url if cluster.etcd else cluster.etcd_endpoints
+        print(f"etcd      {where}")
+        for member in cluster.members:
+            print(f"{member.name:<9} {member.url}   (API docs: {member.url}/docs)")
+        print("writes go to the leader; a follower redirects them there (curl -L).")
+        print(f"{'data in ' + str(data_dir) if data_dir else 'memory only'}; Ctrl-C stops it.")
+        leader = None
+        while all(member.running for member in cluster.members):
+            found = cluster.primaries()
+            now = found[0] if len(found) == 1 else None
+            if now != leader:
+                print(f"leader: {now or 'none (election under way)'}", flush=True)
+                leader = now
+            time.sleep(0.5)
+        failed = [m.name for m in cluster.members if not m.running]
+        print(f"a node exited: {', '.join(failed)}; stopping the cluster", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping the cluster", file=sys.stderr)
+        return 0
+    except (RuntimeError, TimeoutError) as error:
+        print(f"cluster failed to start: {error}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cluster.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.ha:
+        return main_ha(args)
     cluster = LocalCluster(
         followers=args.followers,
         quorum=args.quorum,

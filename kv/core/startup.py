@@ -77,13 +77,31 @@ class FollowerReport:
     fingerprint: int
 
 
-class StartupMerge:
-    """The leader's start-up read quorum: who has answered, and what term comes next."""
+class TermTooLowError(Exception):
+    """The term etcd granted is not above everything read: a newer one is needed."""
 
-    def __init__(self, store: VersionedStore, quorum: int, persisted_term: int = 0) -> None:
+    def __init__(self, granted: int, needed: int) -> None:
+        super().__init__(f"term {granted} is not above term {needed - 1}, seen on a follower")
+        self.needed = needed
+
+
+class StartupMerge:
+    """The leader's start-up read quorum: who has answered, and what term comes next.
+
+    `granted_term`: a term chosen elsewhere (etcd's counter, for an elected leader), used
+    instead of one picked here; it must still be above everything read."""
+
+    def __init__(
+        self,
+        store: VersionedStore,
+        quorum: int,
+        persisted_term: int = 0,
+        granted_term: int | None = None,
+    ) -> None:
         self.store = store
         self.quorum = quorum
         self.persisted_term = persisted_term
+        self.granted_term = granted_term
         self.reports: dict[str, FollowerReport] = {}
         self.outcome = MergeOutcome()
         self.chosen_term: int | None = None
@@ -162,6 +180,10 @@ class StartupMerge:
         """The term to claim on the followers read. A starting leader records it on them before
         taking writes, so that the next leader to read any of them begins a newer one."""
         term = self.new_term()
+        if self.granted_term is not None:
+            if self.granted_term < term:
+                raise TermTooLowError(self.granted_term, term)
+            term = self.granted_term
         if self.chosen_term is not None and self.chosen_term >= term:
             return self.chosen_term  # still newer than everything read: its claims stand
         self.chosen_term = term

@@ -27,7 +27,9 @@ class WriteFailure(StrEnum):
     OVERFLOW = "overflow"
     """A follower's queue passed MAX_REPLICATION_QUEUE and was replaced by a snapshot."""
     STARTING = "starting"
-    """The leader had not finished its start-up read."""
+    """The leader had not finished its start-up read (or, elected, held no valid lease)."""
+    STEPPED_DOWN = "stepped_down"
+    """An elected leader's lease ran out (or was handed over) while the write waited."""
 
 
 @dataclass

@@ -3,29 +3,55 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
-from kv.core.changes import ChangeFeed
 from kv.core.records import Entry
+from kv.core.startup import TermFence
 from kv.core.stats import ApplyStats
 from kv.core.store import VersionedStore
 from kv.follower.node import Applied, FollowerCore, Page, Refused
 from kv.settings import FollowerSettings
-from kv.storage.log import Storage
-from kv.web.consistency import VersionGate
+from kv.storage.state import NodeState, node_state
 
 log = logging.getLogger("kvstore.follower")
 
 
-class FollowerService:
-    """What follower.py's routes call: apply a batch, read a page; each persisted first."""
+class Election(Protocol):
+    """Who leads, as an HA node knows it from etcd (kv/ha/node.py)."""
 
-    def __init__(self, settings: FollowerSettings) -> None:
+    @property
+    def leader_url(self) -> str | None: ...
+
+    @property
+    def leader_name(self) -> str | None: ...
+
+    def no_leader_reason(self) -> str:
+        """Why no leader is known: an election is under way, or etcd cannot be reached."""
+
+
+class FollowerService:
+    """What follower.py's routes call: apply a batch, read a page; each persisted first.
+
+    An HA node passes what it keeps across roles (`shared`), the term fence it held as a
+    leader (`fence`), and its `election`, which names the leader writes are redirected to.
+    """
+
+    def __init__(
+        self,
+        settings: FollowerSettings,
+        *,
+        shared: NodeState | None = None,
+        fence: TermFence | None = None,
+        election: Election | None = None,
+    ) -> None:
         self.settings = settings
-        self.storage = Storage(settings.data_dir, settings.appendfsync)
-        self.core = FollowerCore(self.storage.store)
+        self.owns_storage = shared is None
+        if shared is None:
+            shared = node_state(settings)
+        self.storage, self.changes, self.gate = shared
+        self.core = FollowerCore(self.storage.store, fence or TermFence())
         self.stats = ApplyStats()
-        self.changes = ChangeFeed(settings.change_feed_entries)
-        self.gate = VersionGate()
+        self.election = election
 
     @property
     def store(self) -> VersionedStore:
@@ -37,7 +63,13 @@ class FollowerService:
 
     @property
     def leader_url(self) -> str | None:
+        if self.election is not None:
+            return self.election.leader_url
         return self.settings.leader_url
+
+    @property
+    def leader_name(self) -> str | None:
+        return None if self.election is None else self.election.leader_name
 
     @property
     def term(self) -> int:
@@ -45,6 +77,8 @@ class FollowerService:
 
     def open(self) -> None:
         """Replay the log and the newest term seen, if there is a DATA_DIR."""
+        if not self.owns_storage:
+            return  # the HA node opened it, and set the fence
         self.storage.open()
         self.core.fence.term, self.core.fence.leader_id = self.storage.load_term()
         # What the log replayed was never in the feed; nothing is vouched for until the
@@ -52,7 +86,8 @@ class FollowerService:
         self.changes.start_at(self.store.last_version, 0)
 
     async def close(self) -> None:
-        await self.storage.close()
+        if self.owns_storage:
+            await self.storage.close()
 
     async def replicate(
         self,

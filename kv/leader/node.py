@@ -50,11 +50,14 @@ class LeaderCore:
         record: Callable[[list[Entry]], None] = _ignore,
         save_term: Callable[[int, str], None] = _ignore,
         broadcast: Callable[[Entry], None] = _ignore,
+        granted_term: int | None = None,
+        deposed: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
         self.leader_id = leader_id or uuid.uuid4().hex
         self.own_terms: set[int] = set()
-        self.startup = StartupMerge(store, startup_quorum, persisted_term)
+        self.startup = StartupMerge(store, startup_quorum, persisted_term, granted_term)
+        self.deposed = deposed
         self.ready = False
         self.record = record
         self.save_term = save_term
@@ -80,8 +83,14 @@ class LeaderCore:
 
     def observe_term(self, term: int, foreign: bool = False) -> None:
         """A follower has seen `term` (`foreign`: begun by another leader). If ours is not
-        newer, begin a term above it, so that nothing we assign can collide with its versions."""
+        newer, begin a term above it, so that nothing we assign can collide with its versions.
+
+        An elected leader (`deposed` is set) never picks a term itself: another leader has
+        begun a newer one, so it calls `deposed` to step down instead."""
         if term > self.term or (foreign and term >= self.term):
+            if self.deposed is not None:
+                self.deposed(term)
+                return
             self.begin_term(max(term, term_of(self.store.last_version)) + 1)
 
     # -- start-up ----------------------------------------------------------------------

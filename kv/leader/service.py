@@ -12,25 +12,33 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import httpx
 
-from kv.core.changes import ChangeFeed
 from kv.core.outbox import DelayModel
 from kv.core.progress import FollowerProgress
 from kv.core.records import Entry
+from kv.core.startup import TermTooLowError
 from kv.core.stats import WriteStats
 from kv.leader.node import LeaderCore
 from kv.network.delivery import Delivery, FollowerLink, Replicator, follower_client
 from kv.settings import LeaderSettings
-from kv.storage.log import Storage
-from kv.web.consistency import VersionGate
+from kv.storage.state import NodeState, node_state
 
 log = logging.getLogger("kvstore.leader")
 
 ClientFactory = Callable[[str], httpx.AsyncClient]
 MAX_IN_FLIGHT_PER_FOLLOWER = 1
+STEPPED_DOWN = "the leader stepped down before this follower confirmed"
+
+
+class Authority(Protocol):
+    """What lets an elected leader acknowledge writes: its lease (kv/ha/lease.py)."""
+
+    def refusal(self, now: float) -> str | None:
+        """None while the leader may acknowledge; otherwise why it may not."""
 
 
 class LeaderNode(LeaderCore):
@@ -42,17 +50,32 @@ class LeaderNode(LeaderCore):
         *,
         client_factory: ClientFactory | None = None,
         rng: random.Random | None = None,
+        shared: NodeState | None = None,
+        authority: Authority | None = None,
+        granted_term: int | None = None,
+        term_source: Callable[[int], Awaitable[int]] | None = None,
+        deposed: Callable[[int], None] | None = None,
+        url: str | None = None,
     ) -> None:
+        """An elected leader (kv/ha) passes what it keeps across roles (`shared`), its lease
+        (`authority`), the term etcd granted it and a way to get a higher one (`term_source`),
+        what to call when a newer leader appears (`deposed`), and its own `url`."""
         self.settings = settings
-        self.storage = Storage(settings.data_dir, settings.appendfsync)
-        self.changes = ChangeFeed(settings.change_feed_entries)
-        self.gate = VersionGate()
+        self.owns_storage = shared is None
+        if shared is None:
+            shared = node_state(settings)
+        self.storage, self.changes, self.gate = shared
+        self.authority = authority
+        self.term_source = term_source
+        self.url = url
         super().__init__(
             self.storage.store,
             int(settings.startup_quorum or 0),
             record=self._record,
             save_term=self.storage.save_term,
             broadcast=self._broadcast,
+            granted_term=granted_term,
+            deposed=deposed,
         )
         rng = rng or random.Random()
         self.delays = DelayModel(settings.min_delay_ms, settings.max_delay_ms, rng)
@@ -71,8 +94,9 @@ class LeaderNode(LeaderCore):
     def open(self, clients: dict[str, httpx.AsyncClient]) -> None:
         """Replay the log, and read followers' entries (through `clients`) in the background."""
         self._log_configuration()
-        self.storage.open()
-        self.changes.start_at(self.store.last_version, self.store.last_version)
+        if self.owns_storage:
+            self.storage.open()
+            self.changes.start_at(self.store.last_version, self.store.last_version)
         self.startup.persisted_term, _ = self.storage.load_term()
         self.replicator.links = [
             FollowerLink(
@@ -113,7 +137,15 @@ class LeaderNode(LeaderCore):
         )
 
     async def _start_up(self) -> None:
-        await self.replicator.gather(self.startup, leader_id=self.leader_id)
+        while True:
+            try:
+                await self.replicator.gather(self.startup, leader_id=self.leader_id)
+                break
+            except TermTooLowError as low:
+                if self.term_source is None:
+                    raise
+                log.warning("%s; asking for a newer one", low)
+                self.startup.granted_term = await self.term_source(low.needed)
         adopted = len(self.startup.outcome.adopted)
         reports = self.finish_startup()
         now = time.monotonic()
@@ -139,8 +171,9 @@ class LeaderNode(LeaderCore):
         if self._startup_task is not None:
             self._startup_task.cancel()
             await asyncio.gather(self._startup_task, return_exceptions=True)
-        await self.replicator.close()
-        await self.storage.close()
+        await self.replicator.close(STEPPED_DOWN)
+        if self.owns_storage:
+            await self.storage.close()
 
     @property
     def applied_through(self) -> int:
@@ -148,7 +181,21 @@ class LeaderNode(LeaderCore):
 
     @property
     def leader_url(self) -> str | None:
-        return None  # this is the leader
+        return self.url  # this is the leader: its own URL where known (HA), else None
+
+    @property
+    def leader_name(self) -> str | None:
+        return self.settings.name
+
+    def refusal(self) -> str | None:
+        """Why this node may not acknowledge a write now: not (or no longer) the leader."""
+        if self.authority is None:
+            return None
+        return self.authority.refusal(time.monotonic())
+
+    def primary_reason(self) -> str | None:
+        """Why this node is not the primary HAProxy should send writes to; None if it is."""
+        return self.refusal() or self.waiting_reason()
 
     def delivered(self, delivery: Delivery, entry: Entry) -> None:
         for watcher in self.delivery_watchers:
@@ -170,8 +217,9 @@ class LeaderNode(LeaderCore):
             feed.release_late(late)
 
     def waiting_reason(self) -> str | None:
-        """Why writes are refused outright: the start-up read is not done."""
-        return self.not_ready_reason(len(self.settings.followers))
+        """Why writes are refused outright: the start-up read is not done, or the lease is
+        gone."""
+        return self.not_ready_reason(len(self.settings.followers)) or self.refusal()
 
     def unready_reason(self) -> str | None:
         """Why `/ready` is 503: still starting, or too few followers reachable for a write

@@ -210,7 +210,7 @@ class FollowerLink:
         self._wakeup = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
-        self._sends: set[asyncio.Task[None]] = set()
+        self._sends: dict[asyncio.Task[None], list[Shipment]] = {}  # batches on the wire
         self._loop_task: asyncio.Task[None] | None = None
         self._pull_task: asyncio.Task[None] | None = None
         self._templates: dict[bool, httpx.Request] = {}
@@ -277,8 +277,8 @@ class FollowerLink:
             if batch is not None:
                 through = self.progress.sending(batch, now, self.leader.last_version)
                 task = asyncio.create_task(self._ship(batch, through))
-                self._sends.add(task)
-                task.add_done_callback(self._sends.discard)
+                self._sends[task] = batch
+                task.add_done_callback(self._sent)
                 continue
             wake = self.progress.next_wake(now, self.max_in_flight)
             if wake is not None:
@@ -427,18 +427,27 @@ class FollowerLink:
             backoff * 1000,
         )
 
-    async def close(self, grace: float = 1.0) -> None:
-        """Stop the loop; give batches on the wire `grace` seconds to finish."""
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sends.pop(task, None)
+
+    async def close(self, reason: str = "the leader is shutting down", grace: float = 1.0) -> None:
+        """Stop the loop; give batches on the wire `grace` seconds to finish. A write still
+        waiting for this follower is answered at once, unconfirmed, with `reason`."""
         if self._timer is not None:
             self._timer.cancel()
         for task in (self._loop_task, self._pull_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        now = self.clock()
+        for shipment in self.progress.outbox.drain():
+            self._resolve(shipment, now, ok=False, error=reason)
         if self._sends:
             await asyncio.wait(set(self._sends), timeout=grace)
-        for task in set(self._sends):
+        for task, batch in list(self._sends.items()):
             task.cancel()
+            for shipment in batch:
+                self._resolve(shipment, now, ok=False, error=reason)
         await asyncio.gather(*self._sends, return_exceptions=True)
         await self.client.aclose()
 
@@ -454,8 +463,8 @@ class Replicator:
         for link in self.links:
             link.start()
 
-    async def close(self) -> None:
-        await asyncio.gather(*(link.close() for link in self.links))
+    async def close(self, reason: str = "the leader is shutting down") -> None:
+        await asyncio.gather(*(link.close(reason) for link in self.links))
 
     async def gather(
         self,

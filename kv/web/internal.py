@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import HTTPException, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
 from kv.core.records import Entry
 from kv.follower.node import Applied, Page, Refused
+from kv.follower.service import FollowerService
 from kv.web.auth import SECRET_HEADER
 from kv.web.schemas import (
     ErrorResponse,
@@ -42,7 +43,9 @@ ENTRIES_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"model": TermConflict, "description": "The reader's term is older."},
 }
 REJECTED_WRITE: dict[int | str, dict[str, Any]] = {
-    403: {"model": ErrorResponse, "description": "Followers accept no writes."}
+    403: {"model": ErrorResponse, "description": "Followers accept no writes (fixed leader)."},
+    307: {"model": ErrorResponse, "description": "HA: the same request, to the leader."},
+    503: {"model": ErrorResponse, "description": "HA: no leader is known; retry shortly."},
 }
 
 
@@ -85,6 +88,30 @@ def page_body(page: Page, last_version: int, term: int, node_id: str) -> Respons
     )
     # Built without re-validating: a page can hold a hundred thousand entries.
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def write_elsewhere(request: Request, node: FollowerService) -> Response:
+    """A write sent to a follower. Fixed leader: 403 naming LEADER_URL. Elected leader (HA):
+    307 to the same path and query on the leader, which `curl -L` and httpx's
+    `follow_redirects=True` follow; 503 with Retry-After while no leader is known."""
+    if node.election is None:
+        raise write_refused(node.settings.leader_url)
+    leader = node.election.leader_url
+    if leader is None:
+        return JSONResponse(
+            {"error": node.election.no_leader_reason(), "detail": None},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+    scope = request.scope
+    path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string", b"")
+    location = leader + path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
+    return JSONResponse(
+        {"error": f"this node is a follower; writes go to the leader at {leader}", "detail": None},
+        status_code=307,
+        headers={"Location": location},
+    )
 
 
 def write_refused(leader_url: str | None) -> HTTPException:

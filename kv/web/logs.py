@@ -25,8 +25,8 @@ from kv.settings import AccessLogMode, NodeSettings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(node)s] %(name)s: %(message)s"
 SAMPLE_EVERY = 100
-PROBES = frozenset({"/health", "/ready", "/metrics"})
-"""A 503 from /ready is an answer, not a failure: probes are only sampled."""
+PROBES = frozenset({"/health", "/ready", "/primary", "/ha", "/metrics"})
+"""A 503 from /ready or /primary is an answer, not a failure: probes are only sampled."""
 
 access_log = logging.getLogger("kvstore.access")
 

@@ -163,17 +163,19 @@ class FollowerCollector(Collector):
         )
 
 
-def registry_for(collector: Collector) -> CollectorRegistry:
-    """A registry of its own for one app: its collector and the process's CPU and memory."""
+def registry_for(*collectors: Collector) -> CollectorRegistry:
+    """A registry of its own for one app: its collectors and the process's CPU and memory."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
+    for collector in collectors:
+        registry.register(collector)
     ProcessCollector(registry=registry)
     return registry
 
 
-def metrics_router(collector: Collector) -> APIRouter:
-    """`GET /metrics`, the same route on both roles; only the collector differs."""
-    registry = registry_for(collector)
+def metrics_router(*collectors: Collector) -> APIRouter:
+    """`GET /metrics`, the same route on both roles; only the collectors differ (an HA node
+    adds its own)."""
+    registry = registry_for(*collectors)
     router = APIRouter(tags=["node"])
 
     @router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)

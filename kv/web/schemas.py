@@ -171,7 +171,16 @@ class FollowerStatus(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     role: Role
+    leader_name: str | None = Field(
+        None, description="The leader's NODE_NAME, where known (HA: from etcd)."
+    )
+    leader_url: str | None = Field(
+        None, description="Where writes go: LEADER_URL, or the elected leader's URL (HA)."
+    )
     last_version: int
+    applied_through: int | None = Field(
+        None, description="Every write up to this version is applied on this node."
+    )
     term: int = Field(description="The leader's term, or the newest a follower has seen.")
     followers: int | None = Field(
         None, description="Leader only: how many followers it replicates to."
@@ -228,8 +237,21 @@ class FollowerConfig(BaseModel):
 class NodeInfo(BaseModel):
     service: str = "replicated-kv"
     role: Role
+    leader_name: str | None = Field(None, description="The leader's NODE_NAME, where known.")
+    leader_url: str | None = Field(None, description="Where writes go, where known.")
+    term: int | None = Field(None, description="The leader's term, or the newest seen.")
     config: LeaderConfig | FollowerConfig
     docs: str = "/docs"
+
+
+class PrimaryResponse(BaseModel):
+    primary: bool = Field(description="True only on the leader, once it takes writes.")
+    role: Role
+    node_name: str
+    leader_name: str | None = None
+    leader_url: str | None = None
+    term: int
+    reason: str | None = Field(None, description="Why this node is not the primary.")
 
 
 class ReplicatedEntry(BaseModel):

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
+from fastapi.responses import JSONResponse
+
+from kv.follower.service import FollowerService
 from kv.leader.service import LeaderNode
-from kv.settings import FollowerSettings, NodeSettings
+from kv.settings import NodeSettings
 from kv.web.schemas import (
     FollowerConfig,
     FollowerStatus,
     HealthResponse,
     LeaderConfig,
     NodeInfo,
+    PrimaryResponse,
     ReadyResponse,
+    Role,
 )
 
 
@@ -21,7 +26,10 @@ def leader_health(node: LeaderNode) -> HealthResponse:
     now, store, settings = time.monotonic(), node.store, node.settings
     return HealthResponse(
         role="leader",
+        leader_name=node.leader_name,
+        leader_url=node.leader_url,
         last_version=store.last_version,
+        applied_through=node.applied_through,
         term=node.term,
         followers=len(settings.followers),
         write_quorum=settings.quorum,
@@ -77,6 +85,9 @@ def leader_info(node: LeaderNode) -> NodeInfo:
     settings = node.settings
     return NodeInfo(
         role="leader",
+        leader_name=node.leader_name,
+        leader_url=node.leader_url,
+        term=node.term,
         config=LeaderConfig(
             **node_config(settings),
             followers=settings.followers,
@@ -91,8 +102,47 @@ def leader_info(node: LeaderNode) -> NodeInfo:
     )
 
 
-def follower_info(settings: FollowerSettings) -> NodeInfo:
+def follower_info(node: FollowerService) -> NodeInfo:
     return NodeInfo(
         role="follower",
-        config=FollowerConfig(**node_config(settings), leader_url=settings.leader_url),
+        leader_name=node.leader_name,
+        leader_url=node.leader_url,
+        term=node.term,
+        config=FollowerConfig(**node_config(node.settings), leader_url=node.leader_url),
     )
+
+
+def follower_health(node: FollowerService) -> HealthResponse:
+    return HealthResponse(
+        role="follower",
+        leader_name=node.leader_name,
+        leader_url=node.leader_url,
+        last_version=node.store.last_version,
+        applied_through=node.applied_through,
+        term=node.term,
+    )
+
+
+class PrimaryNode(Protocol):
+    @property
+    def settings(self) -> NodeSettings: ...
+    @property
+    def leader_name(self) -> str | None: ...
+    @property
+    def leader_url(self) -> str | None: ...
+    @property
+    def term(self) -> int: ...
+
+
+def primary_answer(node: PrimaryNode, role: Role, reason: str | None) -> JSONResponse:
+    """`GET /primary`: 200 on the node that leads and takes writes, 503 with why elsewhere."""
+    body = PrimaryResponse(
+        primary=reason is None,
+        role=role,
+        node_name=node.settings.name,
+        leader_name=node.leader_name,
+        leader_url=node.leader_url,
+        term=node.term,
+        reason=reason,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)

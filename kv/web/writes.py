@@ -68,6 +68,17 @@ def expected_version(if_version: int | None, if_match: str | None) -> Expected:
     return expected
 
 
+def not_acknowledged(entry: Entry, reason: str) -> JSONResponse:
+    """503 for a write an elected leader may no longer acknowledge: it lost its lease while
+    the write waited. The entry stays where it was replicated; it may yet survive."""
+    body = ErrorResponse(
+        error=f"this node stopped leading before the write was acknowledged ({reason}); it is "
+        f"applied here as version {entry.version} and may or may not survive: retry with the "
+        "new leader",
+    )
+    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
+
+
 def version_conflict(mismatch: VersionMismatch) -> JSONResponse:
     body = VersionConflict(
         error=f"{mismatch} (If-Match): nothing was written; read it again and retry",

@@ -1,0 +1,482 @@
+"""An HA node: one process that follows or leads, as etcd decides, over one store.
+
+The node serves whichever role app it holds now, follower.py's or leader.py's, both built
+around the same :class:`NodeState` (store, log, change feed), so a promotion happens in
+place: no new process, nothing replayed, every `/watch` stream kept. One loop runs the HA
+cycle (:func:`kv.ha.decide.decide`) every LEASE_RENEW_MS, and at once whenever etcd's watch
+reports a change under ETCD_PREFIX:
+
+* **follow**: writes are redirected to the leader named in etcd;
+* **campaign**: the key is vacant. A follower that is behind waits CAMPAIGN_DELAY_MS per
+  better-placed peer, then creates the leader key on a new lease in one transaction that
+  also raises the term counter;
+* **promote**: leader.py's app starts on the store as it is, reads N - W peers (itself
+  the N-W+1th copy), records etcd's term on them, and only then takes writes;
+* **lead**: a second task renews the lease every LEASE_RENEW_MS; writes are acknowledged
+  only while the lease clock (kv/ha/lease.py) says so;
+* **step down**: the lease ran out, etcd named another leader, or a follower refused our
+  term. Writes stop at once; the node turns follower with the term it led.
+
+SIGTERM hands over: the leader stops acknowledging and revokes its lease before uvicorn
+drains its connections, so a successor is elected at once rather than after the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+import follower
+import leader
+from kv.core.records import term_of
+from kv.core.startup import TermFence
+from kv.follower.service import FollowerService
+from kv.ha.decide import (
+    Action,
+    Candidate,
+    ClusterView,
+    LeaderRecord,
+    Me,
+    Role,
+    campaign_delay,
+    decide,
+)
+from kv.ha.etcd import Etcd, EtcdError
+from kv.ha.lease import LeaseClock
+from kv.leader.service import LeaderNode
+from kv.settings import HASettings
+from kv.storage.state import node_state
+
+log = logging.getLogger("kvstore.ha")
+
+PEER_TIMEOUT_S = 0.25
+"""How long a campaigning node waits for a peer to say how up to date it is."""
+ELECTIONS_KEPT = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Election:
+    """A change of leader, as this node saw it: shown by `GET /ha` and the live page."""
+
+    at: float
+    """Unix time at which this node saw the new leader."""
+    term: int
+    leader: str
+    vacant_s: float | None
+    """How long this node saw no leader before this one (None: it never saw the gap)."""
+
+
+class HANode:
+    """One node of an HA cluster; see the module docstring."""
+
+    def __init__(self, settings: HASettings) -> None:
+        self.settings = settings
+        self.name = str(settings.node_name)
+        self.url = settings.url
+        self.state = node_state(settings)
+        self.etcd = Etcd(settings.etcd_endpoints, settings.etcd_prefix, self.name)
+        self.lease = LeaseClock(settings.lease_margin_ms / 1000)
+        self.lease_id: int | None = None
+        self.stale_lease: int | None = None
+        """A lease this node held when it could not revoke it: revoked once etcd answers."""
+        self.leader_config = settings.leader_settings()
+        self.follower_config = settings.follower_settings()
+        self.role = Role.FOLLOWER
+        self.app: FastAPI | None = None
+        self.leader_node: LeaderNode | None = None
+        self.follower_node: FollowerService | None = None
+        self.leader: LeaderRecord | None = None
+        self.term = 0
+        self.sentence = "starting"
+        self.etcd_error: str | None = None
+        self.etcd_errors: Counter[str] = Counter()
+        self.leader_changes = 0
+        self.elections: deque[Election] = deque(maxlen=ELECTIONS_KEPT)
+        self.routers: list[Any] = []
+        self.collectors: list[Any] = []
+        self._vacant_since: float | None = None
+        self._role_exit: AsyncExitStack | None = None
+        self._switching = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._keeper: asyncio.Task[None] | None = None
+        self._hand_over: asyncio.Task[None] | None = None
+        self._peers = httpx.AsyncClient(timeout=PEER_TIMEOUT_S, trust_env=False)
+
+    # -- what the role apps ask (kv.follower.service.Election) ------------------------
+
+    @property
+    def leader_url(self) -> str | None:
+        return None if self.leader is None else self.leader.url
+
+    @property
+    def leader_name(self) -> str | None:
+        return None if self.leader is None else self.leader.name
+
+    def no_leader_reason(self) -> str:
+        if self.etcd_error:
+            return f"{self.etcd_error}: no leader can be elected until it answers; retry shortly"
+        return "no leader is known: an election is under way; retry shortly"
+
+    @property
+    def is_leader(self) -> bool:
+        return self.role is Role.LEADER and self.lease.valid(time.monotonic())
+
+    # -- life ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Replay the log, serve as a follower, and start the HA loop and etcd's watch."""
+        storage = self.state.storage
+        storage.open()
+        self.state.changes.start_at(storage.store.last_version, 0)
+        term, leader_id = storage.load_term()
+        self.term = term
+        log.info(
+            "HA node %s at %s; etcd at %s; write quorum %d of %d followers; lease %d s",
+            self.name,
+            self.url,
+            self.etcd.where,
+            self.leader_config.quorum,
+            len(self.settings.peers),
+            self.settings.lease_ttl_s,
+        )
+        await self._become_follower(TermFence(term, leader_id))
+        self._tasks = [
+            asyncio.create_task(self._cycle_loop(), name="ha-cycle"),
+            asyncio.create_task(self.etcd.watch(self._wake.set), name="ha-watch"),
+        ]
+
+    def begin_hand_over(self) -> None:
+        """SIGTERM: hand leadership over now, before uvicorn drains its connections."""
+        if self._hand_over is None:
+            self._hand_over = asyncio.create_task(self.hand_over(), name="ha-hand-over")
+
+    async def hand_over(self) -> None:
+        if self.role is not Role.LEADER:
+            return
+        self.lease.lose("this node is handing leadership over (it is stopping)")
+        await self._release_lease(timeout=0.5)
+        self.leader = None
+        self._set_sentence("handed over: revoked the leader key's lease, so a follower can lead")
+
+    async def stop(self) -> None:
+        self.begin_hand_over()
+        assert self._hand_over is not None
+        await asyncio.gather(self._hand_over, return_exceptions=True)
+        for task in [*self._tasks, self._keeper]:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._role_exit is not None:
+            await self._role_exit.aclose()
+        await self.state.storage.close()
+        await self.etcd.aclose()
+        await self._peers.aclose()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def _cycle_loop(self) -> None:
+        period = self.settings.lease_renew_ms / 1000
+        while True:
+            self._wake.clear()
+            try:
+                sentence = await self.run_cycle()
+            except Exception as exc:  # the loop must outlive any one cycle
+                log.exception("HA cycle failed")
+                sentence = f"HA cycle failed: {exc!r}"
+            self._set_sentence(sentence)
+            try:
+                async with asyncio.timeout(period):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def _set_sentence(self, sentence: str) -> None:
+        if sentence != self.sentence:
+            log.info("%s", sentence)
+            self.sentence = sentence
+
+    async def run_cycle(self) -> str:
+        """Read etcd once, decide, act; return the sentence that says what was done."""
+        view: ClusterView | None
+        try:
+            view = await self.etcd.read()
+            self.etcd_error = None
+        except EtcdError as exc:
+            self.etcd_errors["read"] += 1
+            self.etcd_error = str(exc)
+            view = None
+        if view is not None and self.stale_lease is not None:
+            await self._revoke_stale()
+            return "revoked the lease this node held before etcd became unreachable"
+        if view is not None:
+            self._observe(view)
+        me = Me(
+            self.name,
+            self.role,
+            self.lease_id,
+            self.lease.valid(time.monotonic()),
+            self.settings.failover_priority,
+        )
+        decision = decide(view, me, self.etcd_error or "")
+        match decision.action:
+            case Action.LEAD | Action.WAIT:
+                if view is not None and view.leader is None:
+                    self.leader = None
+            case Action.FOLLOW:
+                self.leader = decision.leader
+            case Action.STEP_DOWN:
+                await self.step_down(decision.sentence, decision.leader)
+            case Action.RELEASE:
+                assert decision.leader is not None
+                try:
+                    await self.etcd.revoke(decision.leader.lease)
+                except EtcdError as exc:
+                    self.etcd_errors["revoke"] += 1
+                    return f"could not revoke an earlier process's lease: {exc}"
+                self._wake.set()
+            case Action.CAMPAIGN:
+                assert view is not None
+                return await self.campaign(view)
+        return decision.sentence
+
+    def _observe(self, view: ClusterView) -> None:
+        """Note a change of leader (for /ha, the page and kv_leader_changes_total)."""
+        now = time.monotonic()
+        record = view.leader
+        self.term = max(self.term, view.term)
+        if record is None:
+            if self._vacant_since is None:
+                self._vacant_since = now
+            return
+        known = self.elections[-1] if self.elections else None
+        if known is None or (known.term, known.leader) != (record.term, record.name):
+            vacant = None if self._vacant_since is None else round(now - self._vacant_since, 3)
+            self.elections.append(Election(time.time(), record.term, record.name, vacant))
+            if known is not None:
+                self.leader_changes += 1
+        self._vacant_since = None
+
+    # -- campaigning ----------------------------------------------------------------------
+
+    async def campaign(self, view: ClusterView) -> str:
+        self.leader = None
+        delay, why = await self._campaign_delay()
+        if delay:
+            await asyncio.sleep(delay)
+            try:
+                view = await self.etcd.read()
+            except EtcdError as exc:
+                return f"waited {delay:.2f} s ({why}), then could not read etcd: {exc}"
+            if view.leader is not None:
+                self.leader = view.leader
+                self._observe(view)
+                return f"waited {delay:.2f} s ({why}); {view.leader.name} leads"
+        sent = time.monotonic()
+        try:
+            lease, ttl = await self.etcd.grant(self.settings.lease_ttl_s)
+        except EtcdError as exc:
+            self.etcd_errors["grant"] += 1
+            return f"could not campaign: {exc}"
+        try:
+            record = await self.etcd.campaign(self.url, lease, view, self._term_floor())
+        except EtcdError as exc:
+            self.etcd_errors["campaign"] += 1
+            self.stale_lease = lease
+            return f"could not campaign: {exc}"
+        if record is None:
+            try:
+                await self.etcd.revoke(lease)
+            except EtcdError:
+                self.stale_lease = lease
+            self._wake.set()
+            return "lost the election: another node created the leader key first"
+        self.lease.renewed(sent, ttl)
+        self.lease_id = lease
+        self.leader = record
+        self.term = record.term
+        self._observe(ClusterView(record, record.term))
+        await self._promote(record)
+        waited = f", after waiting {delay:.2f} s ({why})" if delay else ""
+        return f"promoted self to leader by acquiring the leader key in term {record.term}{waited}"
+
+    async def _campaign_delay(self) -> tuple[float, str]:
+        """Ask every peer how up to date it is (GET /ha), and wait for the better ones."""
+        store = self.state.storage.store
+        applied = 0 if self.follower_node is None else self.follower_node.applied_through
+        me = Candidate(self.name, applied, store.last_version, self.settings.failover_priority)
+
+        async def ask(url: str) -> Candidate | None:
+            try:
+                body = (await self._peers.get(f"{url}/ha")).json()
+                return Candidate(
+                    str(body["node_name"]),
+                    int(body["applied_through"]),
+                    int(body["last_version"]),
+                    int(body["failover_priority"]),
+                )
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                return None  # dead, frozen or starting: it cannot lead now either
+
+        answers = await asyncio.gather(*(ask(url) for url in self.settings.peers.values()))
+        return campaign_delay(
+            me, [a for a in answers if a is not None], self.settings.campaign_delay_ms / 1000
+        )
+
+    def _term_floor(self) -> int:
+        """The highest term this node has seen: the campaign's term goes above it too."""
+        store = self.state.storage.store
+        fence = 0 if self.follower_node is None else self.follower_node.term
+        return max(self.term, store.term, term_of(store.last_version), fence)
+
+    async def _raise_term(self, at_least: int) -> int:
+        """A peer has seen a term above etcd's counter (etcd lost its data): raise it."""
+        assert self.leader is not None
+        record = await self.etcd.raise_term(self.leader, at_least)
+        self.leader = record
+        self.term = record.term
+        return record.term
+
+    # -- roles ----------------------------------------------------------------------------
+
+    async def _promote(self, record: LeaderRecord) -> None:
+        node = LeaderNode(
+            self.leader_config,
+            shared=self.state,
+            authority=self.lease,
+            granted_term=record.term,
+            term_source=self._raise_term,
+            deposed=self._deposed,
+            url=self.url,
+        )
+        app = leader.create_app(
+            self.leader_config, node=node, routers=self.routers, collectors=self.collectors
+        )
+        await self._switch(app, Role.LEADER)
+        self.leader_node, self.follower_node = node, None
+        self._keeper = asyncio.create_task(self._keep_lease(), name="ha-lease")
+
+    async def _become_follower(self, fence: TermFence) -> None:
+        node = FollowerService(self.follower_config, shared=self.state, fence=fence, election=self)
+        app = follower.create_app(
+            self.follower_config, node=node, routers=self.routers, collectors=self.collectors
+        )
+        await self._switch(app, Role.FOLLOWER)
+        self.leader_node, self.follower_node = None, node
+
+    async def _switch(self, app: FastAPI, role: Role) -> None:
+        """Start `app`, serve it from now on, then stop the app it replaces."""
+        async with self._switching:
+            stack = AsyncExitStack()
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            previous, self._role_exit = self._role_exit, stack
+            self.app, self.role = app, role
+            if previous is not None:
+                await previous.aclose()
+
+    def _deposed(self, term: int) -> None:
+        """A follower refused our term: a newer leader has begun term `term`."""
+        self.lease.lose(f"a newer leader has begun term {term}")
+        self._wake.set()
+
+    async def step_down(self, reason: str, successor: LeaderRecord | None = None) -> None:
+        """Stop acknowledging at once, give up the lease, and follow."""
+        if self.role is not Role.LEADER:
+            return
+        node = self.leader_node
+        self.lease.lose(self.etcd_error or reason)
+        await self._release_lease(timeout=0.3)
+        self.leader = successor
+        fence = TermFence(node.term, node.leader_id) if node is not None else TermFence()
+        await self._become_follower(fence)
+
+    async def _release_lease(self, timeout: float) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self._keeper = None
+        lease, self.lease_id = self.lease_id, None
+        if lease is None:
+            return
+        try:
+            await self.etcd.revoke(lease, timeout=timeout)
+        except EtcdError as exc:
+            self.etcd_errors["revoke"] += 1
+            self.stale_lease = lease
+            log.warning("could not revoke lease %x (%s); will when etcd answers", lease, exc)
+
+    async def _revoke_stale(self) -> None:
+        lease = self.stale_lease
+        assert lease is not None
+        try:
+            await self.etcd.revoke(lease)
+            self.stale_lease = None
+        except EtcdError as exc:
+            self.etcd_errors["revoke"] += 1
+            log.warning("could not revoke lease %x: %s", lease, exc)
+        self._wake.set()
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease every LEASE_RENEW_MS (sooner after a failure) while leading."""
+        interval = self.settings.lease_renew_ms / 1000
+        delay = interval
+        while self.lease_id is not None:
+            await asyncio.sleep(delay)
+            sent = time.monotonic()
+            try:
+                ttl = await self.etcd.keepalive(
+                    self.lease_id, timeout=max(0.05, min(1.0, self.lease.remaining(sent)))
+                )
+            except EtcdError as exc:
+                self.etcd_errors["keepalive"] += 1
+                self.etcd_error = str(exc)
+                self.lease.lost_reason = str(exc)
+                if not self.lease.valid(time.monotonic()):
+                    self._wake.set()  # the cycle steps down
+                delay = min(interval, 0.1)
+                continue
+            if ttl <= 0:
+                self.lease.lose("etcd no longer knows this node's lease: it expired")
+                self._wake.set()
+                return
+            self.lease.renewed(sent, ttl)
+            delay = interval
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What `GET /ha` shows: this node, who leads, the lease, and recent elections."""
+        now = time.monotonic()
+        store = self.state.storage.store
+        applied = (
+            store.last_version if self.follower_node is None else self.follower_node.applied_through
+        )
+        return {
+            "node_name": self.name,
+            "url": self.url,
+            "role": self.role.value,
+            "is_leader": self.is_leader,
+            "leader_name": self.leader_name,
+            "leader_url": self.leader_url,
+            "term": max(self.term, self.leader.term if self.leader else 0),
+            "lease_ttl_s": self.settings.lease_ttl_s,
+            "lease_remaining_s": round(self.lease.remaining(now), 3)
+            if self.role is Role.LEADER
+            else None,
+            "failover_priority": self.settings.failover_priority,
+            "applied_through": applied,
+            "last_version": store.last_version,
+            "etcd_endpoints": self.settings.etcd_endpoints,
+            "etcd_error": self.etcd_error,
+            "last_action": self.sentence,
+            "leader_changes": self.leader_changes,
+            "elections": [asdict(e) for e in self.elections],
+        }
