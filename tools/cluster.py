@@ -673,7 +673,7 @@ class HACluster:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
             for member in self.members:
                 member.start()
-            self.wait_for_primary(timeout)
+            self.wait_for_primary(timeout, starting=True)
         except BaseException:
             self.stop()
             raise
@@ -737,12 +737,15 @@ class HACluster:
             if own:
                 client.close()
 
-    def wait_for_primary(self, timeout: float = 30.0, exclude: Sequence[str] = ()) -> str:
-        """Poll until exactly one node (not in `exclude`) is primary; its name."""
+    def wait_for_primary(
+        self, timeout: float = 30.0, exclude: Sequence[str] = (), *, starting: bool = False
+    ) -> str:
+        """Poll until exactly one node (not in `exclude`) is primary; its name. `starting`:
+        fail at once if a node exits (a fault may have stopped one on purpose otherwise)."""
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=0.5, trust_env=False) as client:
             while True:
-                for member in self.members:
+                for member in self.members if starting else ():
                     if member.process is not None and member.process.poll() is not None:
                         raise RuntimeError(
                             f"{member.name} exited with code {member.process.returncode}"
