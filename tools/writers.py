@@ -1,10 +1,10 @@
 """Clients that keep writing across failovers, and the check of what they were told.
 
-Used by benchmarks/failover.py, tools/nemesis.py and the failover tests. Each writer
-sends unique keys to whichever node it last reached, follows the followers' 307 to the
-leader (httpx's `follow_redirects=True`), and moves to the next node on a refused
-connection or a 503. Every acknowledged write (200) is recorded with its version, its
-term, the node that acknowledged it, and when the client heard it. The check then asks:
+Used by benchmarks/failover.py and the failover tests. Each writer sends unique keys to
+whichever node it last reached, follows the followers' 307 to the leader (httpx's
+`follow_redirects=True`), and moves to the next node only when one does not answer.
+Every acknowledged write (200) is recorded with its version, its term, the node that
+acknowledged it, and when the client heard it. The check then asks:
 
 * is every acknowledged write on the leader now, at that version or a newer one?
 * was any version acknowledged twice?
@@ -45,8 +45,10 @@ class WriteLog:
     attempts: int = 0
     errors: int = 0
 
-    def first_ack_after(self, moment: float) -> Ack | None:
-        later = [a for a in self.acks if a.at > moment]
+    def first_ack_after(self, moment: float, not_from: str | None = None) -> Ack | None:
+        """The first acknowledgement read after `moment`, from any node but `not_from` (an
+        answer the old leader sent before it was killed may still be read after)."""
+        later = [a for a in self.acks if a.at > moment and a.node != not_from]
         return min(later, key=lambda a: a.at) if later else None
 
 
@@ -91,9 +93,10 @@ async def write_loop(
             )  # fmt: skip
             target = origin(response.url)  # the leader: go straight there next time
         else:
+            # A 503 (an election under way, a missed quorum) or a 307 chain that ended badly:
+            # stay. The node will redirect to the leader once it knows one; moving on could
+            # land on a paused leader, which costs a whole client timeout.
             log.errors += 1
-            if response.status_code != 503 or "quorum" not in response.text:
-                target = next(targets)  # not the leader (any more): look elsewhere
             await asyncio.sleep(RETRY_S)
 
 
