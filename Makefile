@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SERVICE_STAMP := $(VENV)/.installed-service
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit app system integration nemesis lint format analysis staleness clean
+.PHONY: run run-ha failover test unit app system integration nemesis lint format analysis staleness clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -28,6 +28,14 @@ $(STAMP): requirements.txt requirements-dev.txt $(SERVICE_STAMP)
 ## run: start a local cluster (leader on 8000, five followers on 8001-8005)
 run: $(SERVICE_STAMP)
 	$(PY) tools/cluster.py $(ARGS)
+
+## run-ha: a private etcd and six HA nodes on 8000-8005 that elect their leader (needs etcd-server)
+run-ha: $(SERVICE_STAMP)
+	$(PY) tools/cluster.py --ha $(ARGS)
+
+## failover: 20 leader kills under load, timed by the client (ARGS="--fault term" for hand-overs)
+failover: $(STAMP)
+	$(PY) benchmarks/failover.py $(ARGS)
 
 ## test: the whole suite: unit tests, then the integration suite against a local cluster
 test: $(STAMP)

@@ -10,6 +10,7 @@ before anything starts: a bad value stops the process with the variable's name.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from types import FrameType
@@ -52,6 +53,9 @@ def main() -> int:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    # uvicorn's own lines at WARNING and up, as tools/cluster.py launches the fixed roles;
+    # the node's lines (LOG_LEVEL) say more about what it does.
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     node = HANode(settings)
     url = urlsplit(settings.url)
     config = uvicorn.Config(

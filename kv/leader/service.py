@@ -116,7 +116,8 @@ class LeaderNode(LeaderCore):
         settings, n = self.settings, len(self.settings.followers)
         if settings.write_quorum is None and n < 3:
             log.warning("WRITE_QUORUM is not set; with %d follower(s) it defaults to %d", n, n)
-        if settings.data_dir is None and n and 2 * self.startup.quorum <= n:
+        elected = self.startup.granted_term is not None  # its term comes from etcd: unique
+        if settings.data_dir is None and n and 2 * self.startup.quorum <= n and not elected:
             log.warning(
                 "STARTUP_QUORUM is %d of %d followers and there is no DATA_DIR: if every follower "
                 "this leader reads at start-up was away for all of the previous leader's life, it "
