@@ -55,6 +55,10 @@ def test_no_server_errors_and_no_schema_violations(cluster: LocalCluster, role: 
         # have no end to check (tests/system/test_ui.py and test_integration.py cover them).
         "--exclude-path", "/watch",
         "--exclude-path", "/ui/api/events",
+        # GET /primary takes no input, and its documented answer on every node but the
+        # leader is 503, which the server-error check counts as a failure; the failover
+        # tests check both its answers.
+        "--exclude-path", "/primary",
         "--no-color",
     ]  # fmt: skip
     result = subprocess.run(
