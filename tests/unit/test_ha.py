@@ -4,6 +4,7 @@ the promoted node's read quorum, an etcd-granted term, and the settings."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -194,7 +195,7 @@ def test_an_elected_leader_steps_down_instead_of_picking_a_term_itself() -> None
 
 # -- settings ------------------------------------------------------------------------------------
 
-GOOD = {
+GOOD: dict[str, Any] = {
     "node_name": "b",
     "cluster": "a=http://127.0.0.1:8000, b=127.0.0.1:8001 ,c=http://127.0.0.1:8002/",
     "etcd_endpoints": "http://127.0.0.1:2379,127.0.0.1:22379",
