@@ -2,6 +2,7 @@
 
     python tools/nemesis.py                          # 60 s, a random seed (printed)
     python tools/nemesis.py --seconds 600 --seed 7   # a long run, replaying seed 7's schedule
+    python tools/nemesis.py --ha                     # HA nodes: the leader and etcd faulted too
 
 It starts a leader and three followers (WRITE_QUORUM 2, so STARTUP_QUORUM 2,
 delays 0..40 ms, every node with a DATA_DIR) on free loopback ports. Clients
@@ -19,6 +20,12 @@ end every node is healed, and the checker goes over the whole history:
 * every replica's /state equals the leader's after quiescence;
 * no request got a 5xx other than the documented 503.
 
+With `--ha` it starts a private etcd and four HA nodes (`python -m kv.ha`, WRITE_QUORUM 2,
+the same delays and DATA_DIRs), the clients write to any node and follow its redirect to
+the leader, and the faults are: SIGKILL or SIGSTOP of the leader's process group (a pause
+of up to 3.5 s, past its lease), SIGKILL or SIGSTOP of etcd, and the same of a follower.
+The checker is the same, with the node that leads at the end in the leader's place.
+
 The schedule of faults and operations comes from the seed; timing on a shared
 machine does not, so two runs of one seed inject the same faults in the same
 order, not at the same instants. Prints a summary table; exits 1 on any anomaly.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -41,7 +49,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.cluster import LocalCluster
+from tools.cluster import HACluster, LocalCluster
 
 FOLLOWERS = 3
 WRITE_QUORUM = 2
@@ -76,16 +84,25 @@ class History:
 
 
 async def client_loop(
-    client: httpx.AsyncClient, leader: str, rng: random.Random, history: History, until: float
+    client: httpx.AsyncClient,
+    targets: list[str],
+    rng: random.Random,
+    history: History,
+    until: float,
+    prefix: str = "",
 ) -> None:
+    """Write and delete at random. The first target is tried first; on no answer, the next
+    (HA: any node, whose redirect leads to the leader)."""
     counter = 0
+    turn = 0
     while time.monotonic() < until:
+        leader = targets[turn % len(targets)]
         counter += 1
         key = rng.choice(KEYS)
         w = rng.choice([0, 1, 2, 2, 3])
         delete = rng.random() < 0.2
-        op = Operation("delete" if delete else "write", key, None if delete else counter, w,
-                       time.monotonic())  # fmt: skip
+        value = None if delete else f"{prefix}{counter}" if prefix else counter
+        op = Operation("delete" if delete else "write", key, value, w, time.monotonic())
         history.operations.append(op)
         try:
             if delete:
@@ -94,10 +111,11 @@ async def client_loop(
                 )
             else:
                 response = await client.post(
-                    f"{leader}/keys?w={w}&timeout_ms=1000", json={"key": key, "value": counter}
+                    f"{leader}/keys?w={w}&timeout_ms=1000", json={"key": key, "value": value}
                 )
         except httpx.HTTPError:
             op.finished = time.monotonic()
+            turn += 1
             await asyncio.sleep(0.05)  # the leader is down or restarting
             continue
         op.finished = time.monotonic()
@@ -158,7 +176,7 @@ async def run(seconds: float, seed: int, workdir: Path, clients: int = 4) -> tup
         async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
             client_rngs = [random.Random(rng.random()) for _ in range(clients)]
             loops = [
-                asyncio.create_task(client_loop(client, cluster.leader_url, r, history, until))
+                asyncio.create_task(client_loop(client, [cluster.leader_url], r, history, until))
                 for r in client_rngs
             ]
             fault_rng = random.Random(rng.random())
@@ -172,6 +190,104 @@ async def run(seconds: float, seed: int, workdir: Path, clients: int = 4) -> tup
     return history, final
 
 
+HA_NODES = 4
+HA_FAULTS = [
+    "kill-leader", "pause-leader", "kill-etcd", "pause-etcd", "kill-follower", "pause-follower",
+]  # fmt: skip
+
+
+def inject_ha(cluster: HACluster, rng: random.Random, history: History, started: float) -> None:
+    """One fault against an HA cluster, run to completion (a restarted node rejoins)."""
+    kind = rng.choice(HA_FAULTS)
+    now = time.monotonic() - started
+    primaries = cluster.primaries()
+    leader = primaries[0] if len(primaries) == 1 else None
+    followers = [m.name for m in cluster.members if m.name != leader and m.running]
+    if kind.endswith("etcd"):
+        assert cluster.etcd is not None
+        history.faults.append(Fault(kind, "etcd", now))
+        if kind == "kill-etcd":
+            cluster.etcd.kill()
+            time.sleep(rng.uniform(0.2, 2.0))
+            cluster.etcd.start()
+        else:
+            cluster.etcd.signal(signal.SIGSTOP)
+            time.sleep(rng.uniform(0.2, 3.0))
+            cluster.etcd.signal(signal.SIGCONT)
+        return
+    target = leader if kind.endswith("leader") and leader else rng.choice(followers)
+    history.faults.append(Fault(kind if leader else f"{kind} (no leader)", target, now))
+    if kind.startswith("kill"):
+        cluster.kill(target)
+        time.sleep(rng.uniform(0.1, 1.0))
+        cluster.restart(target, timeout=60)
+    else:
+        cluster.pause(target)
+        time.sleep(rng.uniform(0.2, 3.5))
+        cluster.resume(target)
+
+
+async def run_ha(
+    seconds: float, seed: int, workdir: Path, clients: int = 4
+) -> tuple[History, dict]:
+    rng = random.Random(seed)
+    history = History()
+    cluster = HACluster(
+        nodes=HA_NODES,
+        quorum=WRITE_QUORUM,
+        min_delay_ms=0,
+        max_delay_ms=40,
+        base_port=0,
+        log_dir=workdir / "logs",
+        data_dir=workdir / "data",
+        scratch=workdir,
+        extra_env={"LOG_LEVEL": "WARNING"},
+    )
+    with cluster:
+        started = time.monotonic()
+        until = started + seconds
+        async with httpx.AsyncClient(timeout=10, trust_env=False, follow_redirects=True) as client:
+            client_rngs = [random.Random(rng.random()) for _ in range(clients)]
+            loops = [
+                asyncio.create_task(
+                    # Values unique per client: a write can be answered by a node other
+                    # than the one asked, and the checker tells writes apart by value.
+                    client_loop(
+                        client,
+                        cluster.urls[i:] + cluster.urls[:i],
+                        r,
+                        history,
+                        until,
+                        prefix=f"c{i}-",
+                    )
+                )
+                for i, r in enumerate(client_rngs)
+            ]
+            fault_rng = random.Random(rng.random())
+            while time.monotonic() < until - 1:
+                await asyncio.sleep(fault_rng.uniform(0.5, 2.0))
+                if time.monotonic() < until - 1:
+                    await asyncio.to_thread(inject_ha, cluster, fault_rng, history, started)
+            await asyncio.gather(*loops)
+            await asyncio.to_thread(heal_ha, cluster)
+            leader = await asyncio.to_thread(cluster.wait_for_primary, 30)
+            urls = [cluster.member(leader).url] + [
+                u for u in cluster.urls if not u.endswith(f":{cluster.member(leader).port}")
+            ]
+            final = await quiesce_urls(client, urls)
+    return history, final
+
+
+def heal_ha(cluster: HACluster) -> None:
+    if cluster.etcd is not None:
+        cluster.etcd.signal(signal.SIGCONT)
+    for member in cluster.members:
+        if member.running:
+            member.signal_group(signal.SIGCONT)
+        else:
+            cluster.restart(member.name, timeout=60)
+
+
 def heal(cluster: LocalCluster) -> None:
     for index in range(FOLLOWERS):
         cluster.resume_follower(index)
@@ -180,7 +296,11 @@ def heal(cluster: LocalCluster) -> None:
 
 async def quiesce(client: httpx.AsyncClient, cluster: LocalCluster, timeout: float = 30) -> dict:
     """Wait until every replica equals the leader; return the states and how long it took."""
-    urls = [cluster.leader_url, *cluster.follower_urls]
+    return await quiesce_urls(client, [cluster.leader_url, *cluster.follower_urls], timeout)
+
+
+async def quiesce_urls(client: httpx.AsyncClient, urls: list[str], timeout: float = 30) -> dict:
+    """Wait until every node's state equals the first's (the leader's)."""
     started = time.monotonic()
     while True:
         states = [(await client.get(f"{url}/state")).json() for url in urls]
@@ -246,13 +366,15 @@ def check(history: History, final: dict) -> tuple[list[str], int]:
 
 
 def summary(history: History, final: dict, anomalies: list[str], checked: int, seed: int,
-            seconds: float) -> str:  # fmt: skip
+            seconds: float, ha: bool = False) -> str:  # fmt: skip
     outcomes = Counter(
         f"{op.kind} {'no answer' if op.status is None else op.status}" for op in history.operations
     )
     faults = Counter(f.kind for f in history.faults)
     lines = [
-        f"nemesis: seed {seed}, {seconds:g} s, {FOLLOWERS} followers, WRITE_QUORUM {WRITE_QUORUM}",
+        f"nemesis: seed {seed}, {seconds:g} s, "
+        + (f"{HA_NODES} HA nodes and etcd" if ha else f"{FOLLOWERS} followers")
+        + f", WRITE_QUORUM {WRITE_QUORUM}",
         "",
         f"{'operations':<28}{len(history.operations):>8}",
         *(f"  {name:<26}{count:>8}" for name, count in sorted(outcomes.items())),
@@ -271,13 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60, help="how long to inject faults")
     parser.add_argument("--seed", type=int, default=None, help="replay a schedule (default random)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (4)")
+    parser.add_argument("--ha", action="store_true", help="HA nodes electing through etcd")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     print(f"seed {seed}", flush=True)
     with tempfile.TemporaryDirectory(prefix="kv-nemesis-") as scratch:
-        history, final = asyncio.run(run(args.seconds, seed, Path(scratch), args.clients))
+        runner = run_ha if args.ha else run
+        history, final = asyncio.run(runner(args.seconds, seed, Path(scratch), args.clients))
     anomalies, checked = check(history, final)
-    print(summary(history, final, anomalies, checked, seed, args.seconds))
+    print(summary(history, final, anomalies, checked, seed, args.seconds, args.ha))
     return 1 if anomalies else 0
 
 
