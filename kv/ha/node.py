@@ -54,6 +54,7 @@ from kv.ha.lease import LeaseClock
 from kv.leader.service import LeaderNode
 from kv.settings import HASettings
 from kv.storage.state import node_state
+from kv.web import ui
 
 log = logging.getLogger("kvstore.ha")
 
@@ -360,20 +361,25 @@ class HANode:
         app = leader.create_app(
             self.leader_config, node=node, routers=self.routers, collectors=self.collectors
         )
-        await self._switch(app, Role.LEADER)
         self.leader_node, self.follower_node = node, None
+        await self._switch(app, Role.LEADER)
         self._keeper = asyncio.create_task(self._keep_lease(), name="ha-lease")
 
     async def _become_follower(self, fence: TermFence) -> None:
         node = FollowerService(self.follower_config, shared=self.state, fence=fence, election=self)
         app = follower.create_app(
-            self.follower_config, node=node, routers=self.routers, collectors=self.collectors
+            self.follower_config,
+            node=node,
+            routers=[*self.routers, ui.router],  # the page: every HA node serves it
+            collectors=self.collectors,
         )
-        await self._switch(app, Role.FOLLOWER)
         self.leader_node, self.follower_node = None, node
+        await self._switch(app, Role.FOLLOWER)
 
     async def _switch(self, app: FastAPI, role: Role) -> None:
         """Start `app`, serve it from now on, then stop the app it replaces."""
+        app.state.ha_status = self.status  # the live page shows the election (kv/web/ui.py)
+        app.state.role_node = lambda: self.leader_node or self.follower_node
         async with self._switching:
             stack = AsyncExitStack()
             await stack.enter_async_context(app.router.lifespan_context(app))

@@ -7,12 +7,17 @@ changes state (each follower's state, lag, pending entries and heartbeat round t
 version, latency by quorum), plus every confirmation as a follower sends it.
 `EventSource` reconnects by itself when the leader restarts. Reads from a follower go
 through `GET /ui/api/read`, so the page never needs another origin.
+
+On HA nodes (kv/ha) every node serves the page, followers too, and each state event
+carries the node's view of the election (`GET /ha`): who leads, the term, the lease's
+remaining time, and each change of leader as the node sees it, so a page open on a
+follower shows a failover as it happens.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -22,6 +27,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from kv.core.records import Entry
+from kv.follower.service import FollowerService
 from kv.leader.service import LeaderNode
 from kv.network.delivery import Delivery
 from kv.web.consistency import LAST_VERSION_HEADER, MAX_WAIT_MS
@@ -35,12 +41,33 @@ PENDING_DELIVERIES = 1_000
 """Confirmations buffered for one page; a page that falls further behind skips some."""
 
 
-def node_of(request: Request) -> LeaderNode:
+def node_of(request: Request) -> LeaderNode | FollowerService:
     return request.app.state.node  # type: ignore[no-any-return]
 
 
-def snapshot(node: LeaderNode) -> dict[str, Any]:
+def election_of(request: Request) -> Callable[[], dict[str, Any]] | None:
+    """The HA node's status (`GET /ha`), where the app runs on one."""
+    return getattr(request.app.state, "ha_status", None)
+
+
+def snapshot(
+    node: LeaderNode | FollowerService, election: Callable[[], dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """What the page shows once a second: no secret, nothing the API does not show."""
+    ha = {} if election is None else {"ha": election()}
+    if isinstance(node, FollowerService):
+        return {
+            "role": "follower",
+            "node_name": node.settings.name,
+            "term": node.term,
+            "last_version": node.store.last_version,
+            "write_quorum": None,
+            "ready": False,
+            "leader_url": node.leader_url,
+            "followers": [],
+            "latency_by_quorum": {},
+            **ha,
+        }
     health = leader_health(node).model_dump(exclude_none=True)
     latency = {
         str(quorum): {
@@ -51,6 +78,8 @@ def snapshot(node: LeaderNode) -> dict[str, Any]:
         if histogram.count
     }
     return {
+        "role": "leader",
+        "node_name": node.settings.name,
         "term": health["term"],
         "last_version": health["last_version"],
         "write_quorum": health["write_quorum"],
@@ -68,11 +97,15 @@ def snapshot(node: LeaderNode) -> dict[str, Any]:
             for i, r in enumerate(health["replicas"])
         ],
         "latency_by_quorum": latency,
+        **ha,
     }
 
 
-def states(snapshot: dict[str, Any]) -> list[str]:
-    return [follower["state"] for follower in snapshot["followers"]]
+def states(snapshot: dict[str, Any]) -> list[Any]:
+    """What, when it changes, is sent at once: followers' states, and who leads."""
+    ha = snapshot.get("ha") or {}
+    election = [ha.get("leader_name"), ha.get("term"), len(ha.get("elections", ()))]
+    return [*(follower["state"] for follower in snapshot["followers"]), *election]
 
 
 router = APIRouter(prefix="/ui", tags=["ui"])
@@ -98,6 +131,12 @@ async def asset(name: str) -> Response:
 )
 async def events(request: Request) -> StreamingResponse:
     node = node_of(request)
+    election = election_of(request)
+    # On an HA node the role can change under the stream: it then ends, and the page's
+    # EventSource reconnects (retry: 1000) to the app of the node's new role.
+    current: Callable[[], object] | None = getattr(request.app.state, "role_node", None)
+    # A follower (HA) sends its state and the election's; only a leader has confirmations.
+    watchers = node.delivery_watchers if isinstance(node, LeaderNode) else []
 
     async def stream() -> AsyncIterator[bytes]:
         queue: asyncio.Queue[tuple[Delivery, Entry]] = asyncio.Queue(PENDING_DELIVERIES)
@@ -106,7 +145,7 @@ async def events(request: Request) -> StreamingResponse:
             if not queue.full():
                 queue.put_nowait((delivery, entry))
 
-        node.delivery_watchers.append(watcher)
+        watchers.append(watcher)
         try:
             yield b"retry: 1000\n\n"
             loop = asyncio.get_running_loop()
@@ -114,10 +153,12 @@ async def events(request: Request) -> StreamingResponse:
             sent_at = next_check = loop.time()
             while True:
                 now = loop.time()
+                if current is not None and current() is not node:
+                    return
                 if now >= next_check:
                     # Checked four times a second on the server, sent once a second, or at
                     # once when a follower changes state: a card turns `down` without delay.
-                    state = snapshot(node)
+                    state = snapshot(node, election)
                     if sent is None or now - sent_at >= 1.0 or states(state) != states(sent):
                         yield sse_event("state", state)
                         sent, sent_at = state, now
@@ -140,7 +181,7 @@ async def events(request: Request) -> StreamingResponse:
                     },
                 )
         finally:
-            node.delivery_watchers.remove(watcher)
+            watchers.remove(watcher)
 
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -156,7 +197,7 @@ async def read(
     wait_ms: Annotated[float, Query(ge=0, le=MAX_WAIT_MS)] = 0,
 ) -> dict[str, Any]:
     leader = node_of(request)
-    followers = leader.settings.followers
+    followers = leader.settings.followers if isinstance(leader, LeaderNode) else []
     if node >= len(followers):
         raise HTTPException(422, f"node must be -1 (the leader) or 0..{len(followers) - 1}")
     if node < 0:
@@ -169,7 +210,7 @@ async def read(
             else {"error": f"key {key!r} not found"}
         )
         return {
-            "node": "the leader",
+            "node": "the leader" if isinstance(leader, LeaderNode) else "this node",
             "status": 200 if entry is not None else 404,
             "body": found,
             "last_version": str(leader.applied_through),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kv.settings import DEVELOPMENT_SECRET
-from tools.cluster import LocalCluster
+from tools.cluster import HACluster, LocalCluster
 
 playwright_api = pytest.importorskip("playwright.async_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -119,3 +119,52 @@ async def test_the_page_reconnects_after_the_leader_restarts(browser):
         cluster.restart_leader()
         await expect(page.locator("#summary")).to_contain_text("term 2", timeout=15000)
         await expect(page.locator("#connection")).to_have_text("live")
+
+
+async def test_on_ha_nodes_the_page_shows_the_leader_its_lease_and_each_election(
+    browser, tmp_path: Path
+):
+    """Every HA node serves the page; one open on a follower shows a failover as it happens."""
+    if shutil.which("etcd") is None:
+        missing = "etcd is not installed (apt-get install etcd-server); .ci/run installs it"
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    shots = Path(os.environ.get("KV_UI_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with HACluster(
+        nodes=4, quorum=2, max_delay_ms=100, base_port=0, scratch=tmp_path, log_dir=tmp_path
+    ) as cluster:
+        leader = cluster.wait_for_primary(20)
+        watcher = next(m for m in cluster.members if m.name != leader)
+        expect = playwright_api.expect
+        on_leader = await browser.new_page()
+        await on_leader.goto(f"{cluster.member(leader).url}/ui")
+        await expect(on_leader.locator("#election-summary")).to_contain_text(
+            f"This node ({leader}) holds the lease", timeout=5000
+        )
+        await expect(on_leader.locator("#election-summary")).to_contain_text(
+            "s left unless renewed"
+        )
+        await on_leader.close()
+
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await page.goto(f"{watcher.url}/ui")
+        summary = page.locator("#election-summary")
+        await expect(summary).to_contain_text(f"{leader} leads in term 1", timeout=5000)
+        await expect(summary).to_contain_text(f"This node is {watcher.name}, a follower")
+        assert await page.get_by_role("button", name="Write").is_disabled()
+        cluster.kill(leader)
+        await expect(summary).to_contain_text("leads in term 2", timeout=15000)
+        elections = page.locator("#elections li")
+        await expect(elections.first).to_contain_text("term 2:")
+        await expect(elections.first).to_contain_text("s without a leader")
+        await expect(elections).to_have_count(2)
+        await expect(page.locator("#connection")).to_have_text("live")
+        new = cluster.wait_for_primary(10)
+        if new == watcher.name:  # the page's own node was promoted: the page says so
+            await expect(page.locator("#summary")).to_contain_text("Leader term 2", timeout=5000)
+            await expect(summary).to_contain_text(f"This node ({new}) holds the lease")
+        else:
+            await expect(summary).to_contain_text(f"{new} leads in term 2")
+        await page.screenshot(path=str(shots / "ui-ha-election.png"), full_page=True)

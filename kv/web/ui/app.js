@@ -81,12 +81,44 @@ function renderLatency(latency) {
     .map(([q, v]) => `w=${q}: mean ${v.mean_ms.toFixed(1)} ms over ${v.count} writes`).join("; ");
 }
 
+function renderElection(ha) {
+  // HA nodes only: who leads, the term, the lease, and each change of leader.
+  $("election").hidden = false;
+  let summary = ha.leader_name
+    ? `${ha.leader_name} leads in term ${ha.term}.`
+    : `No leader: an election is under way${ha.etcd_error ? ` (${ha.etcd_error})` : ""}.`;
+  summary += ha.role === "leader" && ha.lease_remaining_s != null
+    ? ` This node (${ha.node_name}) holds the lease: ${ha.lease_remaining_s.toFixed(2)} s left unless renewed.`
+    : ` This node is ${ha.node_name}, a ${ha.role}.`;
+  $("election-summary").textContent = summary;
+  $("election-action").textContent = `Last HA action here: ${ha.last_action}`;
+  const leaderLine = $("election-leader");
+  leaderLine.replaceChildren();
+  if (ha.role !== "leader" && ha.leader_url) {
+    const link = text("a", `${ha.leader_url}/ui`);
+    link.href = `${ha.leader_url}/ui`;
+    leaderLine.append("Writes and the followers' cards are on the leader's page: ", link);
+  }
+  const list = $("elections");
+  list.replaceChildren(...ha.elections.slice().reverse().map((e) => {
+    const when = new Date(e.at * 1000).toLocaleTimeString();
+    const gap = e.vacant_s == null ? "" : ` after ${e.vacant_s.toFixed(2)} s without a leader`;
+    const item = text("li", `term ${e.term}: ${e.leader} leads (seen at ${when}${gap})`);
+    item.value = e.term;
+    return item;
+  }));
+}
+
 function renderState(state) {
-  $("summary").textContent =
-    `Leader term ${state.term}, version ${state.last_version}; default w=${state.write_quorum}; ` +
-    (state.ready ? "ready" : "not ready");
+  $("summary").textContent = state.role === "follower"
+    ? `This node (${state.node_name}) follows; term ${state.term}, version ${state.last_version}`
+    : `Leader term ${state.term}, version ${state.last_version}; default w=${state.write_quorum}; ` +
+      (state.ready ? "ready" : "not ready");
+  $("write-form").querySelector("button").disabled = state.role === "follower";
+  $("followers-section").hidden = state.role === "follower";
   renderFollowers(state.followers);
   renderLatency(state.latency_by_quorum);
+  if (state.ha) renderElection(state.ha);
 }
 
 function addFlow(d) {
