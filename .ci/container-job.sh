@@ -6,7 +6,10 @@
 #   4. build the image with --network none;
 #   5. bring the compose stack up on free loopback ports;
 #   6. run test_integration.py against it, faults included (stop/start/pause/unpause);
-#   7. tear everything down, even when a step fails: containers, network, daemon (by PID).
+#   7. bring up the `ha` profile (etcd, six HA nodes, haproxy) from the same base, which
+#      debootstrap gave etcd-server and haproxy, and run the failover tests against it
+#      (SIGKILL, SIGTERM, pause and etcd's stop go through compose), and a write through haproxy;
+#   8. tear everything down, even when a step fails: containers, network, daemon (by PID).
 #
 # Usage: .ci/container-job.sh [path/to/python]   (default .venv/bin/python, made by `make test`)
 set -euo pipefail
@@ -40,9 +43,9 @@ cleanup() {
   log "tearing down (exit status $status)"
   if [ -n "$DAEMON_PID" ]; then
     if [ "$status" -ne 0 ]; then
-      docker-compose -p "$PROJECT" logs --no-color --tail 50 2>/dev/null | tail -n 120
+      docker-compose -p "$PROJECT" --profile ha logs --no-color --tail 50 2>/dev/null | tail -n 160
     fi
-    docker-compose -p "$PROJECT" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1
+    docker-compose -p "$PROJECT" --profile ha down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1
     kill "$DAEMON_PID" 2>/dev/null
     for _ in $(seq 100); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.2; done
     kill -9 "$DAEMON_PID" 2>/dev/null
@@ -67,7 +70,7 @@ for _ in $(seq 150); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 0.2; done
 "$DOCKER" info >/dev/null || { tail -n 30 "$WORK/dockerd.log"; exit 1; }
 
 log "making a Debian bookworm base image with debootstrap (no registry is needed)"
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,etcd-server,haproxy \
   bookworm "$WORK/rootfs" >"$WORK/debootstrap.log" 2>&1 \
   || { tail -n 30 "$WORK/debootstrap.log"; exit 1; }
 tar -C "$WORK/rootfs" -c . | "$DOCKER" import - kv-ci-base:bookworm >/dev/null
@@ -102,4 +105,43 @@ KV_LEADER_URL="http://127.0.0.1:$LEADER_PORT" KV_FOLLOWER_URLS="$followers" \
   KV_COMPOSE_PROJECT="$PROJECT" KV_COMPOSE_COMMAND=docker-compose \
   KV_REPLICATION_SECRET="$REPLICATION_SECRET" \
   timeout 900 "$PYTHON" -m pytest test_integration.py -p no:cacheprovider
+
+log "the ha profile: etcd, six HA nodes and haproxy, from the same base"
+docker-compose -p "$PROJECT" stop --timeout 5 >/dev/null  # the fixed stack: its CPU back
+read -r HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_PORT \
+  < <("$PYTHON" -c 'from tools.cluster import free_port; print(*(free_port() for _ in range(8)))')
+export HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_PORT
+export ETCD_IMAGE=kv-ci-base:bookworm HAPROXY_IMAGE=kv-ci-base:bookworm
+docker-compose -p "$PROJECT" --profile ha up -d --no-build haproxy
+nodes=""
+ports=($HA1_PORT $HA2_PORT $HA3_PORT $HA4_PORT $HA5_PORT $HA6_PORT)
+for i in 1 2 3 4 5 6; do
+  nodes="${nodes:+$nodes,}ha$i=http://127.0.0.1:${ports[$((i - 1))]}"
+done
+"$PYTHON" - "$nodes" <<'PY'
+import sys, time, httpx
+from tools.cluster import ComposeHACluster, wait_healthy
+nodes = dict(part.split("=", 1) for part in sys.argv[1].split(","))
+wait_healthy(list(nodes.values()), 120)
+print("leader:", ComposeHACluster("unused", nodes).wait_for_primary(60))
+PY
+log "a write through haproxy on 127.0.0.1:$HAPROXY_PORT"
+"$PYTHON" - "$HAPROXY_PORT" <<'PY'
+import sys, time, httpx
+deadline = time.monotonic() + 30
+while True:
+    try:
+        answer = httpx.post(f"http://127.0.0.1:{sys.argv[1]}/keys", json={"key": "via-haproxy", "value": 1}, timeout=10)
+        if answer.status_code == 200:
+            print(answer.json()["version"], "acknowledged through haproxy")
+            break
+    except httpx.HTTPError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("no write acknowledged through haproxy within 30 s")
+    time.sleep(0.5)
+PY
+log "running the failover tests against the ha profile"
+KV_HA_COMPOSE_PROJECT="$PROJECT" KV_HA_NODES="$nodes" KV_COMPOSE_COMMAND=docker-compose \
+  timeout 900 "$PYTHON" -m pytest tests/system/test_failover.py -m "not local" -p no:cacheprovider
 log "container job passed"

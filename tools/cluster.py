@@ -18,6 +18,7 @@ each in a process group of its own, which is what its faults signal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import random
@@ -613,6 +614,8 @@ class HACluster:
     """`nodes` HA nodes (`python -m kv.ha`) electing their leader through etcd: a private
     one on free ports unless `etcd_endpoints` names one."""
 
+    local = True
+
     nodes: int = 6
     quorum: int | None = None
     min_delay_ms: float = 0
@@ -714,51 +717,28 @@ class HACluster:
     def member(self, name: str) -> HANodeProcess:
         return next(m for m in self.members if m.name == name)
 
+    def node_urls(self) -> dict[str, str]:
+        return {m.name: m.url for m in self.members if m.running}
+
+    def url_of(self, name: str) -> str:
+        return self.member(name).url
+
     @property
     def urls(self) -> list[str]:
         return [m.url for m in self.members]
-
-    def primaries(self, client: httpx.Client | None = None) -> list[str]:
-        """The names of the nodes answering /primary with 200 now."""
-        own = client is None
-        client = client or httpx.Client(timeout=0.5, trust_env=False)
-        try:
-            found = []
-            for member in self.members:
-                if not member.running:
-                    continue
-                try:
-                    if client.get(f"{member.url}/primary").status_code == 200:
-                        found.append(member.name)
-                except httpx.HTTPError:
-                    pass
-            return found
-        finally:
-            if own:
-                client.close()
 
     def wait_for_primary(
         self, timeout: float = 30.0, exclude: Sequence[str] = (), *, starting: bool = False
     ) -> str:
         """Poll until exactly one node (not in `exclude`) is primary; its name. `starting`:
         fail at once if a node exits (a fault may have stopped one on purpose otherwise)."""
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=0.5, trust_env=False) as client:
-            while True:
-                for member in self.members if starting else ():
-                    if member.process is not None and member.process.poll() is not None:
-                        raise RuntimeError(
-                            f"{member.name} exited with code {member.process.returncode}"
-                        )
-                found = [n for n in self.primaries(client) if n not in exclude]
-                if len(found) == 1:
-                    return found[0]
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no single primary after {timeout:g} s (found {found})")
-                time.sleep(0.05)
+        for member in self.members if starting else ():
+            if member.process is not None and member.process.poll() is not None:
+                raise RuntimeError(f"{member.name} exited with code {member.process.returncode}")
+        return wait_for_primary(self, timeout, exclude, self.members if starting else ())
 
-    def leader_url(self, timeout: float = 30.0) -> str:
-        return self.member(self.wait_for_primary(timeout)).url
+    def primaries(self, client: httpx.Client | None = None) -> list[str]:
+        return primaries(self, client)
 
     # -- faults, by node name ------------------------------------------------------------
 
@@ -769,6 +749,12 @@ class HACluster:
     def terminate(self, name: str) -> None:
         """SIGTERM the node's process group: a leader hands over, then the node exits."""
         self.member(name).signal_group(signal.SIGTERM)
+
+    def wait_stopped(self, name: str, timeout: float = 15.0) -> None:
+        member = self.member(name)
+        if member.process is not None:
+            member.process.wait(timeout)
+            member.process = None
 
     def pause(self, name: str) -> None:
         self.member(name).signal_group(signal.SIGSTOP)
@@ -781,6 +767,157 @@ class HACluster:
         member.stop()
         member.start()
         wait_healthy([member.url], timeout, [member.process] if member.process else [])
+
+    def kill_etcd(self) -> None:
+        assert self.etcd is not None, "etcd was not started by this cluster"
+        self.etcd.kill()
+
+    def start_etcd(self) -> None:
+        assert self.etcd is not None, "etcd was not started by this cluster"
+        self.etcd.start()
+
+    def heal(self, timeout: float = 30.0) -> str:
+        """Resume and restart every node; wait for one primary, and return its name."""
+        for member in self.members:
+            if member.running:
+                member.signal_group(signal.SIGCONT)
+            else:
+                self.restart(member.name)
+        return self.wait_for_primary(timeout)
+
+
+class HAControl(Protocol):
+    """An HA cluster the failover tests can fault by node name, whatever runs it."""
+
+    local: bool
+
+    @property
+    def urls(self) -> list[str]: ...
+    def node_urls(self) -> dict[str, str]: ...
+    def url_of(self, name: str) -> str: ...
+    def primaries(self, client: httpx.Client | None = None) -> list[str]: ...
+    def wait_for_primary(self, timeout: float = 30.0, exclude: Sequence[str] = ()) -> str: ...
+    def kill(self, name: str) -> None: ...
+    def terminate(self, name: str) -> None: ...
+    def wait_stopped(self, name: str, timeout: float = 15.0) -> None: ...
+    def pause(self, name: str) -> None: ...
+    def resume(self, name: str) -> None: ...
+    def restart(self, name: str, timeout: float = 30.0) -> None: ...
+    def kill_etcd(self) -> None: ...
+    def start_etcd(self) -> None: ...
+    def heal(self, timeout: float = 30.0) -> str: ...
+
+
+class _NodeUrls(Protocol):
+    def node_urls(self) -> dict[str, str]: ...
+
+
+def primaries(cluster: _NodeUrls, client: httpx.Client | None = None) -> list[str]:
+    """The names of the nodes answering /primary with 200 now."""
+    own = client is None
+    client = client or httpx.Client(timeout=0.5, trust_env=False)
+    try:
+        found = []
+        for name, url in cluster.node_urls().items():
+            try:
+                if client.get(f"{url}/primary").status_code == 200:
+                    found.append(name)
+            except httpx.HTTPError:
+                pass
+        return found
+    finally:
+        if own:
+            client.close()
+
+
+def wait_for_primary(
+    cluster: _NodeUrls,
+    timeout: float,
+    exclude: Sequence[str] = (),
+    watched: Sequence[HANodeProcess] = (),
+) -> str:
+    """Poll until exactly one node (not in `exclude`) is primary; its name. A process in
+    `watched` that exits fails the wait at once."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=0.5, trust_env=False) as client:
+        while True:
+            for member in watched:
+                if member.process is not None and member.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{member.name} exited with code {member.process.returncode}"
+                    )
+            found = [n for n in primaries(cluster, client) if n not in exclude]
+            if len(found) == 1:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no single primary after {timeout:g} s (found {found})")
+            time.sleep(0.05)
+
+
+class ComposeHACluster:
+    """docker compose's `ha` profile, faulted through compose by node name (ha1..ha6):
+    `kill -s SIGKILL`, `kill -s SIGTERM`, `pause`, `unpause`, `start`, and etcd's container."""
+
+    local = False
+
+    def __init__(self, project: str, nodes: dict[str, str], command: list[str] | None = None):
+        self.project = project
+        self.nodes = nodes
+        self.command = command or default_compose_command()
+
+    def _compose(self, *args: str) -> None:
+        argv = [*self.command, "-p", self.project, "-f", str(ROOT / "docker-compose.yml"),
+                "--profile", "ha", *args]  # fmt: skip
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self.nodes.values())
+
+    def node_urls(self) -> dict[str, str]:
+        return dict(self.nodes)
+
+    def url_of(self, name: str) -> str:
+        return self.nodes[name]
+
+    def primaries(self, client: httpx.Client | None = None) -> list[str]:
+        return primaries(self, client)
+
+    def wait_for_primary(self, timeout: float = 30.0, exclude: Sequence[str] = ()) -> str:
+        return wait_for_primary(self, timeout, exclude)
+
+    def kill(self, name: str) -> None:
+        self._compose("kill", "-s", "SIGKILL", name)
+
+    def terminate(self, name: str) -> None:
+        self._compose("kill", "-s", "SIGTERM", name)
+
+    def wait_stopped(self, name: str, timeout: float = 15.0) -> None:
+        self._compose("stop", "-t", str(int(timeout)), name)
+
+    def pause(self, name: str) -> None:
+        self._compose("pause", name)
+
+    def resume(self, name: str) -> None:
+        self._compose("unpause", name)
+
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        self._compose("start", name)
+        wait_healthy([self.nodes[name]], timeout)
+
+    def kill_etcd(self) -> None:
+        self._compose("stop", "-t", "0", "etcd")
+
+    def start_etcd(self) -> None:
+        self._compose("start", "etcd")
+
+    def heal(self, timeout: float = 60.0) -> str:
+        for name in self.nodes:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._compose("unpause", name)  # fails unless it is paused
+        self._compose("start", "etcd", *self.nodes)
+        wait_healthy(self.urls, timeout)
+        return self.wait_for_primary(timeout)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -92,6 +92,8 @@ async def write_loop(
                     time.monotonic())
             )  # fmt: skip
             target = origin(response.url)  # the leader: go straight there next time
+        elif response.status_code == 307:
+            target = next(targets)  # a client that does not follow redirects: ask the next
         else:
             # A 503 (an election under way, a missed quorum) or a 307 chain that ended badly:
             # stay. The node will redirect to the leader once it knows one; moving on could

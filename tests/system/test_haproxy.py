@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -32,17 +31,13 @@ if MISSING:
 pytestmark = pytest.mark.timeout(180)
 
 
-def haproxy_config(cluster: HACluster, port: int) -> str:
-    """monitoring/haproxy.cfg with its addresses (make run-ha's) moved to this cluster's."""
-    text = (ROOT / "monitoring" / "haproxy.cfg").read_text()
-    text = text.replace("bind 127.0.0.1:8080", f"bind 127.0.0.1:{port}")
+def haproxy_env(cluster: HACluster, port: int) -> dict[str, str]:
+    """monitoring/haproxy.cfg's addresses, moved to this cluster's ports (it reads them from
+    the environment; nodes it lists beyond this cluster's stay at closed ports, down)."""
+    env = {"KV_BIND": f"127.0.0.1:{port}"}
     for index, member in enumerate(cluster.members):
-        text = re.sub(rf"127\.0\.0\.1:{8000 + index}\b", f"127.0.0.1:{member.port}", text)
-    names = {member.name for member in cluster.members}
-    lines = text.splitlines(keepends=True)
-    return "".join(  # the file lists six nodes; this cluster may have fewer
-        line for line in lines if not line.strip().startswith("server ") or line.split()[1] in names
-    )
+        env[f"KV_NODE{index + 1}"] = f"127.0.0.1:{member.port}"
+    return env
 
 
 @pytest.fixture
@@ -57,10 +52,9 @@ def proxied(tmp_path: Path) -> Iterator[tuple[HACluster, str]]:
         scratch=tmp_path,
     ).start()
     port = free_port()
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(haproxy_config(cluster, port))
     proxy = subprocess.Popen(
-        ["haproxy", "-f", str(config), "-db"],
+        ["haproxy", "-f", str(ROOT / "monitoring" / "haproxy.cfg"), "-db"],
+        env={**os.environ, **haproxy_env(cluster, port)},
         stdout=(tmp_path / "haproxy.log").open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
