@@ -112,6 +112,7 @@ read -r HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_
   < <("$PYTHON" -c 'from tools.cluster import free_port; print(*(free_port() for _ in range(8)))')
 export HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_PORT
 export ETCD_IMAGE=kv-ci-base:bookworm HAPROXY_IMAGE=kv-ci-base:bookworm
+export HA_NET=10.213.242  # inside the private daemon's address pool
 docker-compose -p "$PROJECT" --profile ha up -d --no-build haproxy
 nodes=""
 ports=($HA1_PORT $HA2_PORT $HA3_PORT $HA4_PORT $HA5_PORT $HA6_PORT)

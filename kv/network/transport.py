@@ -13,11 +13,20 @@ It honours httpx's timeouts and raises httpx's exceptions, so callers see the
 same errors as with the default transport. A connection whose request fails or
 is cancelled part-way is closed, never returned to the pool, so nothing is left
 half-read for the next request.
+
+A host name is resolved by one lookup at a time per transport. A lookup runs in the
+event loop's resolver threads (four under uvloop) and cannot be cancelled: a timeout
+abandons it but the thread waits on. A peer whose name stopped resolving (a removed
+container: the lookup then waits on the upstream DNS for seconds) would otherwise get a
+new lookup every heartbeat and soon hold every resolver thread, stalling connections to
+every other peer too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -51,6 +60,19 @@ def _map_errors(request: httpx.Request, timeout: type[httpx.TimeoutException]) -
         raise httpx.RemoteProtocolError(f"malformed response: {error}", request=request) from error
 
 
+async def _first_address(loop: asyncio.AbstractEventLoop, host: str, port: int) -> str:
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"{host} has no address")
+    return str(infos[0][4][0])
+
+
+def _consume(future: asyncio.Future[str]) -> None:
+    """Mark a lookup's failure as seen: nobody may be waiting for it any more."""
+    if not future.cancelled():
+        future.exception()
+
+
 class KeepAliveTransport(httpx.AsyncBaseTransport):
     """Up to `max_connections` keep-alive HTTP/1.1 connections to a single origin."""
 
@@ -60,6 +82,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._closed = False
+        self._lookup: asyncio.Future[str] | None = None  # the one lookup in flight
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
@@ -101,12 +124,27 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
     async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
         url = request.url
         port = url.port or (443 if url.scheme == "https" else 80)
+        tls = url.scheme == "https" or None
         with _map_errors(request, httpx.ConnectTimeout):
             async with asyncio.timeout(timeout):
+                address = await self._resolve(url.host, port)
                 reader, writer = await asyncio.open_connection(
-                    url.host, port, ssl=url.scheme == "https" or None
+                    address, port, ssl=tls, server_hostname=url.host if tls else None
                 )
         return _Connection(reader, writer)
+
+    async def _resolve(self, host: str, port: int) -> str:
+        """The host's first address, by at most one lookup at a time (see the docstring)."""
+        try:
+            ipaddress.ip_address(host)
+            return host  # a literal needs no lookup
+        except ValueError:
+            pass
+        if self._lookup is None or self._lookup.done():
+            loop = asyncio.get_running_loop()
+            self._lookup = asyncio.ensure_future(_first_address(loop, host, port))
+            self._lookup.add_done_callback(_consume)
+        return await asyncio.shield(self._lookup)
 
     async def _exchange(
         self, connection: _Connection, request: httpx.Request, body: bytes, timeout: float | None

@@ -121,3 +121,35 @@ async def test_garbage_is_a_protocol_error():
         async with client_for(url) as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get("/")
+
+
+async def test_a_name_that_stops_resolving_holds_at_most_one_lookup(monkeypatch):
+    """A peer whose name hangs in the resolver (a removed container) gets one lookup at a
+    time, however many heartbeats time out waiting for it: the resolver's few threads stay
+    free for every other peer."""
+    release = asyncio.Event()
+    started = 0
+
+    async def hanging_lookup(loop, host, port):
+        nonlocal started
+        started += 1
+        await release.wait()
+        raise OSError(f"{host}: Temporary failure in name resolution")
+
+    monkeypatch.setattr("kv.network.transport._first_address", hanging_lookup)
+    async with httpx.AsyncClient(
+        base_url="http://gone.invalid:8000", transport=KeepAliveTransport(2)
+    ) as client:
+        for _ in range(5):
+            with pytest.raises(httpx.ConnectTimeout):
+                await client.post("/replicate", timeout=httpx.Timeout(1, connect=0.05))
+        assert started == 1
+        release.set()
+        with pytest.raises(httpx.ConnectError, match="Temporary failure"):
+            await client.post("/replicate", timeout=httpx.Timeout(1, connect=1))
+        assert started == 1  # the failed lookup answered the waiter; the next one is new
+        release.clear()
+        with pytest.raises(httpx.ConnectTimeout):
+            await client.post("/replicate", timeout=httpx.Timeout(1, connect=0.05))
+        assert started == 2
+        release.set()
