@@ -88,6 +88,9 @@ read -r LEADER_PORT FOLLOWER1_PORT FOLLOWER2_PORT FOLLOWER3_PORT FOLLOWER4_PORT 
   < <("$PYTHON" -c 'from tools.cluster import free_port; print(*(free_port() for _ in range(6)))')
 export LEADER_PORT FOLLOWER1_PORT FOLLOWER2_PORT FOLLOWER3_PORT FOLLOWER4_PORT FOLLOWER5_PORT
 export BASE=kv-ci-base:bookworm
+# The ha profile's network, inside the private daemon's address pool. Compose creates it
+# with the first `up`, so it is set before that one.
+export HA_NET=10.213.242
 export REPLICATION_SECRET="ci-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 log "docker-compose up: leader on 127.0.0.1:$LEADER_PORT, followers on $FOLLOWER1_PORT..$FOLLOWER5_PORT"
@@ -112,7 +115,6 @@ read -r HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_
   < <("$PYTHON" -c 'from tools.cluster import free_port; print(*(free_port() for _ in range(8)))')
 export HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_PORT
 export ETCD_IMAGE=kv-ci-base:bookworm HAPROXY_IMAGE=kv-ci-base:bookworm
-export HA_NET=10.213.242  # inside the private daemon's address pool
 docker-compose -p "$PROJECT" --profile ha up -d --no-build haproxy
 nodes=""
 ports=($HA1_PORT $HA2_PORT $HA3_PORT $HA4_PORT $HA5_PORT $HA6_PORT)
