@@ -400,7 +400,8 @@ class HANode:
         node = self.leader_node
         self.lease.lose(self.etcd_error or reason)
         await self._release_lease(timeout=0.3)
-        self.leader = successor
+        # A key that still names this node (its lease ran out) is no leader to redirect to.
+        self.leader = successor if successor is not None and successor.name != self.name else None
         fence = TermFence(node.term, node.leader_id) if node is not None else TermFence()
         await self._become_follower(fence)
 
