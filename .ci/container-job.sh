@@ -115,6 +115,9 @@ read -r HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_
   < <("$PYTHON" -c 'from tools.cluster import free_port; print(*(free_port() for _ in range(8)))')
 export HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_PORT
 export ETCD_IMAGE=kv-ci-base:bookworm HAPROXY_IMAGE=kv-ci-base:bookworm
+# Delays of 0..100 ms, as the local failover tests use: each test times a failover from
+# before the compose command that delivers the fault, which itself takes about a second.
+export MAX_DELAY_MS=100
 docker-compose -p "$PROJECT" --profile ha up -d --no-build haproxy
 nodes=""
 ports=($HA1_PORT $HA2_PORT $HA3_PORT $HA4_PORT $HA5_PORT $HA6_PORT)
