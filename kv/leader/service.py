@@ -31,7 +31,7 @@ log = logging.getLogger("kvstore.leader")
 
 ClientFactory = Callable[[str], httpx.AsyncClient]
 MAX_IN_FLIGHT_PER_FOLLOWER = 1
-STEPPED_DOWN = "the leader stepped down before this follower confirmed"
+STEPPED_DOWN = "the leader stopped leading before this follower confirmed"
 
 
 class Authority(Protocol):
