@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -134,6 +134,51 @@ def die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
+def spawn(
+    command: list[str],
+    log_path: Path | None = None,
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    quiet: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a process this launcher owns: in a process group of its own (a Ctrl-C in the
+    terminal reaches only the launcher, which then stops it in order), dying with the
+    launcher, its output appended to `log_path`, else to the terminal (nowhere if `quiet`)."""
+    output = open(log_path, "ab") if log_path else None  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
+            stdout=output if output is not None else subprocess.DEVNULL if quiet else None,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+    finally:
+        if output is not None:
+            output.close()
+
+
+def stop_process(
+    process: subprocess.Popen[bytes],
+    timeout: float,
+    send: Callable[[int], None] | None = None,
+) -> None:
+    """Stop a process this launcher started: SIGCONT (a frozen one cannot handle SIGTERM),
+    SIGTERM, and SIGKILL after `timeout`. `send` delivers each (default: to the process)."""
+    send = send or process.send_signal
+    if process.poll() is None:
+        send(signal.SIGCONT)
+        send(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+            process.wait()
+
+
 def wait_healthy_nodes(nodes: Sequence[Node], timeout: float, path: str = "/health") -> None:
     """Wait for nodes this launcher started, failing at once if one of them exits."""
     processes = [n.process for n in nodes if n.process]
@@ -177,22 +222,7 @@ class Node:
             "--host", HOST, "--port", str(self.port), *self.uvicorn_args,
         ]  # fmt: skip
         # Without a log file the node writes to the launcher's terminal.
-        output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
-        try:
-            self.process = subprocess.Popen(
-                command,
-                cwd=self.cwd,
-                env={**os.environ, **self.env},
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                # Its own process group: a Ctrl-C in the terminal reaches only the
-                # launcher, which then stops every node in order.
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        finally:
-            if self.log_path:
-                output.close()  # type: ignore[union-attr]
+        self.process = spawn(command, self.log_path, cwd=self.cwd, env=self.env)
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -200,16 +230,8 @@ class Node:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the process this node started (by PID), escalating to SIGKILL."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)  # a frozen process cannot handle SIGTERM
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout)
         self.process = None
 
     def kill(self) -> None:
@@ -501,31 +523,9 @@ class PrivateEtcd:
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"kv={peer}", "--log-level", "warn",
         ]  # fmt: skip
-        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            self.process = subprocess.Popen(
-                command,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        finally:
-            if self.log_path:
-                output.close()  # type: ignore[union-attr]
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=1.0, trust_env=False) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"etcd exited with code {self.process.returncode}")
-                try:
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"etcd not healthy at {self.url} after {timeout:g} s")
-                time.sleep(0.05)
+        self.process = spawn(command, self.log_path, quiet=True)
+        wait_healthy([self.url], timeout, [self.process])
+        return self
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -538,14 +538,8 @@ class PrivateEtcd:
             self.process = None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, 10)
         self.process = None
 
 
@@ -569,20 +563,10 @@ class HANodeProcess:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
-        output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "kv.ha"],
-                cwd=self.cwd,
-                env={**os.environ, **self.env},
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # the node is its process group
-                preexec_fn=die_with_parent,
-            )
-        finally:
-            if output is not None:
-                output.close()
+        # spawn() gives it a process group of its own: the node is its process group.
+        self.process = spawn(
+            [sys.executable, "-m", "kv.ha"], self.log_path, cwd=self.cwd, env=self.env
+        )
 
     def signal_group(self, signum: int) -> None:
         """Signal the node's whole process group, as an operator or a test would."""
@@ -596,16 +580,8 @@ class HANodeProcess:
             self.process = None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.signal_group(signal.SIGCONT)
-            self.signal_group(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal_group(signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout, self.signal_group)
         self.process = None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from tests.support import eventually
-from tools.cluster import ROOT, HACluster, die_with_parent, free_port
+from tools.cluster import ROOT, HACluster, free_port, spawn, stop_process
 from tools.writers import WriteLog, check, write_loop
 
 MISSING = [name for name in ("haproxy", "etcd") if shutil.which(name) is None]
@@ -52,23 +51,15 @@ def proxied(tmp_path: Path) -> Iterator[tuple[HACluster, str]]:
         scratch=tmp_path,
     ).start()
     port = free_port()
-    proxy = subprocess.Popen(
+    proxy = spawn(
         ["haproxy", "-f", str(ROOT / "monitoring" / "haproxy.cfg"), "-db"],
-        env={**os.environ, **haproxy_env(cluster, port)},
-        stdout=(tmp_path / "haproxy.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=die_with_parent,
+        tmp_path / "haproxy.log",
+        env=haproxy_env(cluster, port),
     )
     try:
         yield cluster, f"http://127.0.0.1:{port}"
     finally:
-        proxy.terminate()
-        try:
-            proxy.wait(10)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
-            proxy.wait()
+        stop_process(proxy, 10)
         cluster.stop()
 
 

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import eventually
-from tools.cluster import ROOT, LocalCluster, free_port
+from tools.cluster import ROOT, LocalCluster, free_port, spawn, stop_process
 
 PROMETHEUS_CONFIG = ROOT / "monitoring" / "prometheus.yml"
 WRITES = 40
@@ -166,26 +166,19 @@ def prometheus(cluster: LocalCluster, tmp_path: Path) -> Iterator[str]:
     config = re.sub(r"scrape_timeout: \S+", "scrape_timeout: 1s", config)
     (tmp_path / "prometheus.yml").write_text(config)
     port = free_port()
-    with (tmp_path / "prometheus.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    process = spawn(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        tmp_path / "prometheus.log",
+    )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 10)
 
 
 async def test_a_real_prometheus_scrapes_every_node(client, cluster: LocalCluster, prometheus):
