@@ -758,7 +758,7 @@ class HACluster:
             if member.running:
                 member.signal_group(signal.SIGCONT)
             else:
-                self.restart(member.name)
+                self.restart(member.name, timeout)
         return self.wait_for_primary(timeout)
 
 

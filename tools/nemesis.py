@@ -41,7 +41,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote
 
@@ -171,23 +173,45 @@ async def run(seconds: float, seed: int, workdir: Path, clients: int = 4) -> tup
         extra_env={"LOG_LEVEL": "WARNING"},
     )
     with cluster:
-        started = time.monotonic()
-        until = started + seconds
         async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
-            client_rngs = [random.Random(rng.random()) for _ in range(clients)]
-            loops = [
-                asyncio.create_task(client_loop(client, [cluster.leader_url], r, history, until))
-                for r in client_rngs
-            ]
-            fault_rng = random.Random(rng.random())
-            while time.monotonic() < until - 1:
-                await asyncio.sleep(fault_rng.uniform(0.5, 2.0))
-                if time.monotonic() < until - 1:
-                    await asyncio.to_thread(inject, cluster, fault_rng, history, started)
-            await asyncio.gather(*loops)
+            await faults_under_load(
+                client, lambda _: [cluster.leader_url], partial(inject, cluster),
+                rng, history, seconds, clients,
+            )  # fmt: skip
             await asyncio.to_thread(heal, cluster)
             final = await quiesce(client, cluster)
     return history, final
+
+
+async def faults_under_load(
+    client: httpx.AsyncClient,
+    targets: Callable[[int], list[str]],
+    inject: Callable[[random.Random, History, float], None],
+    rng: random.Random,
+    history: History,
+    seconds: float,
+    clients: int,
+    prefixed: bool = False,
+) -> None:
+    """`clients` client loops (the i-th writing to `targets(i)`) for `seconds`, while
+    `inject` runs one fault after another, every 0.5-2 s; returns when the clients stop.
+    `prefixed`: each client's values carry its own prefix, so that two writes with one
+    value cannot be told apart from one write answered twice."""
+    started = time.monotonic()
+    until = started + seconds
+    client_rngs = [random.Random(rng.random()) for _ in range(clients)]
+    loops = [
+        asyncio.create_task(
+            client_loop(client, targets(i), r, history, until, f"c{i}-" if prefixed else "")
+        )
+        for i, r in enumerate(client_rngs)
+    ]
+    fault_rng = random.Random(rng.random())
+    while time.monotonic() < until - 1:
+        await asyncio.sleep(fault_rng.uniform(0.5, 2.0))
+        if time.monotonic() < until - 1:
+            await asyncio.to_thread(inject, fault_rng, history, started)
+    await asyncio.gather(*loops)
 
 
 HA_NODES = 4
@@ -244,48 +268,22 @@ async def run_ha(
         extra_env={"LOG_LEVEL": "WARNING"},
     )
     with cluster:
-        started = time.monotonic()
-        until = started + seconds
         async with httpx.AsyncClient(timeout=10, trust_env=False, follow_redirects=True) as client:
-            client_rngs = [random.Random(rng.random()) for _ in range(clients)]
-            loops = [
-                asyncio.create_task(
-                    # Values unique per client: a write can be answered by a node other
-                    # than the one asked, and the checker tells writes apart by value.
-                    client_loop(
-                        client,
-                        cluster.urls[i:] + cluster.urls[:i],
-                        r,
-                        history,
-                        until,
-                        prefix=f"c{i}-",
-                    )
-                )
-                for i, r in enumerate(client_rngs)
-            ]
-            fault_rng = random.Random(rng.random())
-            while time.monotonic() < until - 1:
-                await asyncio.sleep(fault_rng.uniform(0.5, 2.0))
-                if time.monotonic() < until - 1:
-                    await asyncio.to_thread(inject_ha, cluster, fault_rng, history, started)
-            await asyncio.gather(*loops)
-            await asyncio.to_thread(heal_ha, cluster)
-            leader = await asyncio.to_thread(cluster.wait_for_primary, 30)
-            urls = [cluster.member(leader).url] + [
-                u for u in cluster.urls if not u.endswith(f":{cluster.member(leader).port}")
-            ]
-            final = await quiesce_urls(client, urls)
+            # Client i starts at node i, and follows its redirect to the leader.
+            await faults_under_load(
+                client, lambda i: cluster.urls[i:] + cluster.urls[:i],
+                partial(inject_ha, cluster), rng, history, seconds, clients, prefixed=True,
+            )  # fmt: skip
+            leader = cluster.member(await asyncio.to_thread(heal_ha, cluster)).url
+            final = await quiesce_urls(client, [leader, *(u for u in cluster.urls if u != leader)])
     return history, final
 
 
-def heal_ha(cluster: HACluster) -> None:
+def heal_ha(cluster: HACluster) -> str:
+    """Thaw etcd, then every node, restart the dead ones; the name of the node that leads."""
     if cluster.etcd is not None:
         cluster.etcd.signal(signal.SIGCONT)
-    for member in cluster.members:
-        if member.running:
-            member.signal_group(signal.SIGCONT)
-        else:
-            cluster.restart(member.name, timeout=60)
+    return cluster.heal(60)
 
 
 def heal(cluster: LocalCluster) -> None:
