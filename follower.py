@@ -26,6 +26,7 @@ from kv.settings import FollowerSettings, load_settings
 from kv.web import internal, status
 from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
+from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
 from kv.web.metrics import FollowerCollector, metrics_router
@@ -209,10 +210,4 @@ async def info(request: Request) -> NodeInfo:
     return status.follower_info(service(request))
 
 
-def __getattr__(name: str) -> FastAPI:
-    """`follower:app`, for uvicorn, built from the environment on first use: importing this
-    module (as the HA node and the tests do) builds nothing."""
-    if name == "app":
-        built = globals()["app"] = create_app()
-        return built
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_app(globals(), lambda: create_app())  # `app`, built on first use

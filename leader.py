@@ -42,6 +42,7 @@ from kv.settings import LeaderSettings, load_settings
 from kv.web import status, ui, writes
 from kv.web.consistency import MAX_WAIT_MS
 from kv.web.errors import install_error_handlers, key_not_found
+from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
 from kv.web.metrics import LeaderCollector, metrics_router
@@ -308,10 +309,4 @@ async def info(request: Request) -> NodeInfo:
     return status.leader_info(request.app.state.node)
 
 
-def __getattr__(name: str) -> FastAPI:
-    """`leader:app`, for uvicorn, built from the environment on first use: importing this
-    module (as the HA node and the tests do) builds nothing."""
-    if name == "app":
-        built = globals()["app"] = create_app()
-        return built
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_app(globals(), lambda: create_app())  # `app`, built on first use

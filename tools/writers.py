@@ -20,9 +20,10 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import httpx
+
+from kv.client import origin
 
 RETRY_S = 0.02
 
@@ -50,11 +51,6 @@ class WriteLog:
         answer the old leader sent before it was killed may still be read after)."""
         later = [a for a in self.acks if a.at > moment and a.node != not_from]
         return min(later, key=lambda a: a.at) if later else None
-
-
-def origin(url: httpx.URL | str) -> str:
-    parts = urlsplit(str(url))
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 async def write_loop(

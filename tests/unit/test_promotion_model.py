@@ -33,6 +33,7 @@ from kv.core.store import VersionedStore, fingerprint
 from kv.follower.node import FollowerCore, Refused
 from kv.leader.node import LeaderCore
 from kv.settings import promoted_startup_quorum
+from tests.unit.test_model import StaleBatch, Write
 
 M = 4  # nodes: a leader has M - 1 followers
 W = 2
@@ -62,22 +63,6 @@ class Node:
 
     def save_term(self, term: int, leader_id: str | None) -> None:
         self.saved_term = (term, leader_id)
-
-
-@dataclass
-class Write:
-    key: str
-    version: int
-    deleted: bool
-    confirmers: set[int] = field(default_factory=set)
-
-
-@dataclass
-class StaleBatch:
-    follower: int
-    term: int
-    leader_id: str
-    entries: tuple[Entry, ...]
 
 
 class PromotionModel(RuleBasedStateMachine):
