@@ -33,9 +33,10 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client.registry import Collector
 
 from kv.core.records import Entry
+from kv.core.requests import RequestTag
 from kv.core.stats import WriteFailure
 from kv.core.store import VersionMismatch
-from kv.leader.node import ANY, Expected
+from kv.leader.node import ANY, Expected, IdempotencyKeyReused, Replay
 from kv.leader.service import ClientFactory, LeaderNode
 from kv.network.delivery import Delivery, QuorumOutcome
 from kv.settings import LeaderSettings, load_settings
@@ -140,9 +141,17 @@ async def wait_for_quorum(
 
 
 async def replicate(
-    node: LeaderNode, entry: Entry, started_at: float, w: int | None, timeout_ms: float | None
+    node: LeaderNode,
+    entry: Entry,
+    started_at: float,
+    w: int | None,
+    timeout_ms: float | None,
+    replay: Replay | None = None,
 ) -> Response:
-    """Steps 2 and 3 of a write: fan out, wait for the quorum, answer."""
+    """Steps 2 and 3 of a write: fan out, wait for the quorum, answer.
+
+    A repeated request (`replay`) confirms its earlier write the same way, and answers
+    with that write."""
     settings = node.settings
     required = settings.quorum if w is None else w
     timeout = (timeout_ms or settings.replication_timeout_ms) / 1000
@@ -163,7 +172,7 @@ async def replicate(
     else:
         node.write_stats.failed(failure)
     return writes.write_response(
-        entry,
+        entry if replay is None else replay.answer,
         outcome,
         term=node.term,
         latency_s=latency_s,
@@ -171,6 +180,7 @@ async def replicate(
         reachable=reachable,
         followers=len(settings.followers),
         max_queue=settings.max_replication_queue,
+        replayed=replay is not None,
     )
 
 
@@ -184,6 +194,16 @@ def ready_node(request: Request, w: int | None) -> LeaderNode:
     return node
 
 
+def earlier_write(node: LeaderNode, tag: RequestTag | None, key: str, value: Any) -> Replay | None:
+    """The write a repeated Idempotency-Key made before (422 if it was for another request)."""
+    if tag is None:
+        return None
+    try:
+        return node.replay(tag, key, value)
+    except IdempotencyKeyReused as reused:
+        raise HTTPException(422, str(reused)) from None
+
+
 async def put(
     request: Request,
     key: str,
@@ -191,12 +211,16 @@ async def put(
     w: int | None,
     timeout: float | None,
     if_version: Expected = ANY,
+    idempotency_key: str | None = None,
 ) -> Any:
     started_at = time.monotonic()
     node = ready_node(request, w)
     value_json = writes.encode_value(value, node.settings.max_value_bytes)
+    tag = writes.request_tag(idempotency_key, key, False, value_json)
+    if (replay := earlier_write(node, tag, key, value)) is not None:
+        return await replicate(node, replay.confirm, started_at, w, timeout, replay)
     try:
-        entry = node.put(key, value, value_json, if_version)
+        entry = node.put(key, value, value_json, if_version, tag)
     except VersionMismatch as mismatch:
         return writes.version_conflict(mismatch)
     return await replicate(node, entry, started_at, w, timeout)
@@ -207,10 +231,17 @@ router = APIRouter()
 
 @router.post("/keys", response_model=Written, responses=writes.WRITE_RESPONSES, tags=["writes"])
 async def write_key(
-    request: Request, body: WriteRequest, w: Quorum = None, timeout_ms: TimeoutMs = None
+    request: Request,
+    body: WriteRequest,
+    w: Quorum = None,
+    timeout_ms: TimeoutMs = None,
+    idempotency_key: writes.IdempotencyKey = None,
 ) -> Any:
-    """Write a key and wait for `w` followers to confirm it."""
-    return await put(request, body.key, body.value, w, timeout_ms)
+    """Write a key and wait for `w` followers to confirm it.
+
+    With an `Idempotency-Key`, a repeat of the request (a retry) is answered with the write
+    the first one made, and never written twice."""
+    return await put(request, body.key, body.value, w, timeout_ms, idempotency_key=idempotency_key)
 
 
 @router.put(
@@ -227,14 +258,16 @@ async def put_key(
     timeout_ms: TimeoutMs = None,
     if_version: writes.IfVersion = None,
     if_match: writes.IfMatch = None,
+    idempotency_key: writes.IdempotencyKey = None,
 ) -> Any:
     """Write the key named in the path; the same as `POST /keys`.
 
     Conditional (compare-and-set) with `If-Match: "<version>"` or `?if_version=`: written
-    only if the key is at that version now, else 412 with its current version.
+    only if the key is at that version now, else 412 with its current version. A retry
+    with the same `Idempotency-Key` gets the first answer's write, not a 412.
     """
     expected = writes.expected_version(if_version, if_match)
-    return await put(request, key, body.value, w, timeout_ms, expected)
+    return await put(request, key, body.value, w, timeout_ms, expected, idempotency_key)
 
 
 @router.delete(
@@ -250,14 +283,18 @@ async def delete_key(
     timeout_ms: TimeoutMs = None,
     if_version: writes.IfVersion = None,
     if_match: writes.IfMatch = None,
+    idempotency_key: writes.IdempotencyKey = None,
 ) -> Any:
     """Delete a key: a versioned tombstone, replicated like a write. Conditional with
-    `If-Match` or `?if_version=`, as for PUT."""
+    `If-Match` or `?if_version=`, and idempotent with `Idempotency-Key`, as for PUT."""
     expected = writes.expected_version(if_version, if_match)
     started_at = time.monotonic()
     node = ready_node(request, w)
+    tag = writes.request_tag(idempotency_key, key, True, "null")
+    if (replay := earlier_write(node, tag, key, None)) is not None:
+        return await replicate(node, replay.confirm, started_at, w, timeout_ms, replay)
     try:
-        entry = node.delete(key, expected)
+        entry = node.delete(key, expected, tag)
     except VersionMismatch as mismatch:
         return writes.version_conflict(mismatch)
     if entry is None:

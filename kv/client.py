@@ -9,10 +9,15 @@ It finds the leader among its endpoints (KV_ENDPOINTS when none are given), foll
 followers' 307 to it (HA nodes) and remembers it. Errors are exceptions that carry the
 server's reason (:class:`QuorumNotReached`, :class:`VersionConflict`, :class:`KeyNotFound`,
 :class:`NotReady`, :class:`Unreachable`). A call retries, with backoff and jitter within
-one overall `deadline`, only what is safe to repeat: a read; a write the server refused
-before applying it (503 while it starts, or while no leader is known); and a write whose
-connection was never made. A write whose answer was lost on the way back is not repeated
-(:class:`Unreachable` says its outcome is unknown), since it may have been applied.
+one overall `deadline`, on connection errors and while the store has no leader ready
+(503 while it starts or elects, or after a leader lost its lease mid-write).
+
+Every write carries an ``Idempotency-Key``, the same on each of its retries, so a
+retry whose first attempt was applied after all (its answer lost with a leader that
+died) is answered with that write instead of writing again: on the same leader after
+a restart with DATA_DIR, or on the follower elected in its place. A write is therefore
+applied once, whatever is retried; only a write whose every attempt failed before the
+deadline raises :class:`Unreachable`, with its outcome unknown.
 
 A :class:`Session` carries the highest version it has written or read, and every read
 asks for it as `min_version`, on any node: read-your-writes and monotonic reads.
@@ -27,6 +32,7 @@ import asyncio
 import os
 import random
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +43,7 @@ import httpx
 from kv.web.schemas import HealthResponse, KeyValue, ReplicatedEntry, WriteResponse
 
 LAST_VERSION_HEADER = "X-Last-Version"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 DEFAULT_ENDPOINTS = "http://127.0.0.1:8000"
 
 
@@ -161,11 +168,16 @@ class AsyncKVClient:
         w: int | None = None,
         if_version: int | None = None,
         timeout_ms: float | None = None,
+        idempotency_key: str | None = None,
     ) -> WriteResponse:
         """Write `key`, confirmed by `w` followers (default WRITE_QUORUM) within `timeout_ms`;
-        with `if_version`, only if the key is at that version now (0: absent)."""
+        with `if_version`, only if the key is at that version now (0: absent).
+
+        `idempotency_key` (default: a fresh UUID) is what makes retries safe; pass your own
+        to retry across calls, say after a QuorumNotReached."""
         params = _params(w=w, if_version=if_version, timeout_ms=timeout_ms)
-        return await self._write("PUT", _key_path(key), params, {"value": value})
+        path = _key_path(key)
+        return await self._write("PUT", path, params, idempotency_key, {"value": value})
 
     async def delete(
         self,
@@ -174,32 +186,56 @@ class AsyncKVClient:
         w: int | None = None,
         if_version: int | None = None,
         timeout_ms: float | None = None,
+        idempotency_key: str | None = None,
     ) -> WriteResponse:
         """Delete `key` (a replicated tombstone); KeyNotFound if it does not exist."""
         params = _params(w=w, if_version=if_version, timeout_ms=timeout_ms)
-        return await self._write("DELETE", _key_path(key), params)
+        return await self._write("DELETE", _key_path(key), params, idempotency_key)
 
     async def compare_and_set(
-        self, key: str, expected_version: int, value: Any, *, w: int | None = None
+        self,
+        key: str,
+        expected_version: int,
+        value: Any,
+        *,
+        w: int | None = None,
+        timeout_ms: float | None = None,
+        idempotency_key: str | None = None,
     ) -> WriteResponse:
         """Write `value` only if `key` is at `expected_version` (0: absent); else
-        VersionConflict with the key's `current_version`."""
-        return await self.put(key, value, w=w, if_version=expected_version)
+        VersionConflict with the key's `current_version`. A retry of a compare-and-set
+        that was applied returns that write, not a conflict."""
+        return await self.put(
+            key,
+            value,
+            w=w,
+            if_version=expected_version,
+            timeout_ms=timeout_ms,
+            idempotency_key=idempotency_key,
+        )
 
     async def _write(
-        self, method: str, path: str, params: dict[str, Any], body: Any = None
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any],
+        idempotency_key: str | None,
+        body: Any = None,
     ) -> WriteResponse:
+        headers = {IDEMPOTENCY_HEADER: idempotency_key or uuid.uuid4().hex}
+
         async def attempt(endpoint: str) -> WriteResponse:
             try:
                 response = await self._http.request(
-                    method, endpoint + path, params=params, json=body
+                    method, endpoint + path, params=params, json=body, headers=headers
                 )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-                raise _Retry(Unreachable(f"{endpoint}: {error}")) from error  # never sent
             except httpx.HTTPError as error:
-                raise Unreachable(
-                    f"{endpoint} did not answer ({type(error).__name__}): the write may or "
-                    "may not have been applied"
+                # Sent or not, it may be repeated: the leader knows its Idempotency-Key.
+                raise _Retry(
+                    Unreachable(
+                        f"{endpoint} did not answer ({type(error).__name__}: {error}); the "
+                        "write may or may not have been applied"
+                    )
                 ) from error
             if response.status_code == 200:
                 self.leader = origin(response.url)
@@ -346,6 +382,8 @@ def _error_of(response: httpx.Response, write: bool = False) -> KVError | _Retry
         return KeyNotFound(reason, 404)
     if status == 412:
         return VersionConflict(reason, int(body.get("current_version", 0)))
+    if status == 403 and write and "is a follower" in reason:
+        return _Retry(NotReady(reason, 403))  # a fixed cluster's follower: try the next one
     if status in (401, 403):
         return Unauthorized(reason, status)
     if status == 503:

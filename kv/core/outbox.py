@@ -66,7 +66,7 @@ class Shipment:
 
     @property
     def size(self) -> int:
-        return len(self.entry.encoded)
+        return len(self.entry.wire)
 
 
 class Outbox:
@@ -187,4 +187,4 @@ def encode_batch(
     head = b'{"term":%d,"leader_id":"%s",' % (term, leader_id.encode())
     if through is not None and node_id is not None:
         head += b'"through":%d,"node_id":"%s",' % (through, node_id.encode())
-    return head + b'"entries":[' + b",".join(s.entry.encoded for s in batch) + b"]}"
+    return head + b'"entries":[' + b",".join(s.entry.wire for s in batch) + b"]}"

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kv.core.requests import RequestTag
+
 TERM_STRIDE = 1_000_000_000
 """Versions per term. Term t owns versions (t-1)*TERM_STRIDE+1 .. t*TERM_STRIDE, so
 versions stay below 2**53 (exact in JavaScript) for nine million terms."""
@@ -41,6 +43,17 @@ class Entry:
     deleted: bool = False
     # The entry as JSON, made at most once (see `encoded`); pass it when it is at hand.
     encoding: bytes = field(default=b"", compare=False, repr=False)
+    # The client request that made it, when the client sent an Idempotency-Key.
+    request: RequestTag | None = field(default=None, compare=False)
+
+    @property
+    def wire(self) -> bytes:
+        """The entry as replicas and logs carry it: `encoded`, plus its request tag if it
+        has one. Clients never see the tag (reads, writes and /watch use `encoded`)."""
+        if self.request is None:
+            return self.encoded
+        tag = f',"request":{{"id":{encode_json(self.request.id)},"digest":{self.request.digest}}}}}'
+        return self.encoded[:-1] + tag.encode()
 
     @property
     def encoded(self) -> bytes:
@@ -60,6 +73,7 @@ class Entry:
         version: int,
         deleted: bool = False,
         value_json: str | None = None,
+        request: RequestTag | None = None,
     ) -> Entry:
         """Build an entry and encode it now; pass `value_json` when the value is encoded already
         (the leader's write path, which had to encode it to check its size)."""
@@ -71,6 +85,23 @@ class Entry:
             version,
             deleted,
             encode_entry(key, value_json, version, deleted),
+            request,
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], wire: bytes = b"") -> Entry:
+        """An entry from its JSON object (a log record, a follower's page); `wire` is that
+        JSON when it is at hand. Raises KeyError, TypeError or ValueError if malformed."""
+        tag = data.get("request")
+        request = None if tag is None else RequestTag(str(tag["id"]), int(tag["digest"]))
+        encoding = wire if request is None else b""  # the tag is not in `encoded`
+        return cls(
+            data["key"],
+            data["value"],
+            int(data["version"]),
+            bool(data["deleted"]),
+            encoding,
+            request,
         )
 
     def same_write(self, other: Entry) -> bool:

@@ -53,6 +53,7 @@ def merge_entries(
     """Merge another node's entries into the leader's `store`; see the module docstring."""
     outcome = MergeOutcome()
     for entry in entries:
+        store.note_request(entry)  # the key's write, whether or not it is the one kept
         held = store.held(entry.key)
         if held is None:
             store.maybe_apply(entry)

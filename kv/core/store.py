@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kv.core.records import Entry, TermExhaustedError, first_version, term_of
+from kv.core.requests import RequestTable, RequestTag
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +46,10 @@ class VersionMismatch(Exception):
 class VersionedStore:
     """A map from key to its newest entry, tombstones included."""
 
-    def __init__(self) -> None:
+    def __init__(self, requests: RequestTable | None = None) -> None:
         self._entries: dict[str, Entry] = {}
+        # The idempotency keys of recent writes, learned from every entry this store sees.
+        self.requests = requests if requests is not None else RequestTable()
         self._last_version = 0
         self._term = 0
         self._by_version: list[Entry] | None = None  # a version-ordered index, built on demand
@@ -135,27 +138,46 @@ class VersionedStore:
 
     # -- leader side -----------------------------------------------------
 
-    def put(self, key: str, value: Any, value_json: str | None = None) -> Entry:
+    def put(
+        self,
+        key: str,
+        value: Any,
+        value_json: str | None = None,
+        request: RequestTag | None = None,
+    ) -> Entry:
         """Assign the next version and apply it, in one step (the leader's write)."""
-        return self._assign(key, value, deleted=False, value_json=value_json)
+        return self._assign(key, value, False, value_json, request)
 
-    def delete(self, key: str) -> Entry | None:
+    def delete(self, key: str, request: RequestTag | None = None) -> Entry | None:
         """Assign the next version to a tombstone for `key`; None when `key` is not live."""
         if self.get(key) is None:
             return None
-        return self._assign(key, None, deleted=True, value_json="null")
+        return self._assign(key, None, True, "null", request)
 
     def rewrite(self, entry: Entry) -> Entry:
         """Assign a new version to `entry`'s write: the leader settling a merged key."""
-        return self._assign(entry.key, entry.value, entry.deleted, None)
+        return self._assign(entry.key, entry.value, entry.deleted, None, None)
 
-    def _assign(self, key: str, value: Any, deleted: bool, value_json: str | None) -> Entry:
+    def _assign(
+        self,
+        key: str,
+        value: Any,
+        deleted: bool,
+        value_json: str | None,
+        request: RequestTag | None,
+    ) -> Entry:
         version = self.next_version()
-        entry = Entry.create(key, value, version, deleted, value_json)
+        entry = Entry.create(key, value, version, deleted, value_json, request)
         self._entries[key] = entry
         self._last_version = version
         self._by_version = None
+        self.note_request(entry)
         return entry
+
+    def note_request(self, entry: Entry) -> None:
+        """Remember the idempotency key that made `entry`, if it has one, applied or not."""
+        if entry.request is not None:
+            self.requests.remember(entry.request, entry.key, entry.version, entry.deleted)
 
     def next_version(self) -> int:
         """The version the next write gets: above everything seen, inside the current term.
@@ -180,6 +202,8 @@ class VersionedStore:
         """
         if entry.version > self._last_version:
             self._last_version = entry.version
+        if entry.request is not None:
+            self.note_request(entry)
         current = self._entries.get(entry.key)
         if current is not None and current.version >= entry.version:
             return False

@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kv.core.records import Entry, TermExhaustedError, term_of
+from kv.core.requests import RequestTag
 from kv.core.startup import StartupMerge, merge_entries
 from kv.core.store import VersionedStore
 
@@ -31,6 +33,27 @@ Expected = int | None
 """A conditional write's expectation: a version, 0 for "absent", None for "present"."""
 
 log = logging.getLogger("kvstore.leader")
+
+
+class IdempotencyKeyReused(Exception):
+    """An Idempotency-Key already used for a different request (another key, value or
+    operation): a client bug, refused rather than guessed at."""
+
+    def __init__(self, request_id: str, key: str) -> None:
+        super().__init__(
+            f"Idempotency-Key {request_id!r} was already used for a different request (it wrote "
+            f"key {key!r} with other content); use a new key for a new request"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A repeated request's earlier write: `answer` is what it wrote, `confirm` the entry
+    followers must hold for it to be at quorum (the key's newest: holding it means holding
+    the earlier write or something newer)."""
+
+    answer: Entry
+    confirm: Entry
 
 
 def _ignore(*_: object) -> None:
@@ -116,27 +139,58 @@ class LeaderCore:
     # -- writes --------------------------------------------------------------------------
 
     def put(
-        self, key: str, value: Any, value_json: str | None = None, if_version: Expected = ANY
+        self,
+        key: str,
+        value: Any,
+        value_json: str | None = None,
+        if_version: Expected = ANY,
+        request: RequestTag | None = None,
     ) -> Entry:
         """Assign the next version and apply the write, in one synchronous step.
 
         With `if_version` (a version, 0 for "absent", or None for "present"), only if the
         key is at it: checked in the same step, so no other write can come between the
-        check and the version (raises VersionMismatch, writing nothing).
+        check and the version (raises VersionMismatch, writing nothing). With `request`
+        (its Idempotency-Key), the entry carries it to every replica; call
+        :meth:`replay` first, to answer a repeat without writing again.
         """
         if if_version is not ANY:
             self.store.check_version(key, if_version)
-        entry = self._assigning(lambda: self.store.put(key, value, value_json))
+        entry = self._assigning(lambda: self.store.put(key, value, value_json, request))
         self.record([entry])
         return entry
 
-    def delete(self, key: str, if_version: Expected = ANY) -> Entry | None:
+    def delete(
+        self, key: str, if_version: Expected = ANY, request: RequestTag | None = None
+    ) -> Entry | None:
         if if_version is not ANY:
             self.store.check_version(key, if_version)
-        entry = self._assigning(lambda: self.store.delete(key))
+        entry = self._assigning(lambda: self.store.delete(key, request))
         if entry is not None:
             self.record([entry])
         return entry
+
+    def replay(self, request: RequestTag, key: str, value: Any) -> Replay | None:
+        """The write an earlier request with this Idempotency-Key made, or None if there is
+        none to remember (a new request, or one that wrote nothing: it is tried again).
+
+        The check comes before any conditional one: a compare-and-set whose answer was lost
+        would fail its own retry otherwise. Raises IdempotencyKeyReused when the key was
+        used for a different request.
+        """
+        seen = self.store.requests.lookup(request.id)
+        if seen is None:
+            return None
+        if seen.digest != request.digest or seen.key != key:
+            raise IdempotencyKeyReused(request.id, seen.key)
+        held = self.store.held(key)
+        if held is None or held.version < seen.version:
+            log.warning("request %r wrote version %d, which is lost", request.id, seen.version)
+            return None
+        if held.version == seen.version:
+            return Replay(held, held)
+        value = None if seen.deleted else value  # the same request, so the same value
+        return Replay(Entry.create(key, value, seen.version, seen.deleted, request=request), held)
 
     def _assigning(self, assign: Callable[[], Any]) -> Any:
         try:

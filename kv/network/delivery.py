@@ -140,10 +140,7 @@ async def pull_entries(
         if node_id is not None and body["node_id"] != node_id:
             after, digest, count = 0, 0, 0  # it restarted: what was read may be gone
         node_id = str(body["node_id"])
-        entries = [
-            Entry(e["key"], e["value"], int(e["version"]), bool(e["deleted"]))
-            for e in body["entries"]
-        ]
+        entries = [Entry.from_json(e) for e in body["entries"]]
         on_page(entries)
         digest ^= fingerprint(entries)
         count += len(entries)

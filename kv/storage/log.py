@@ -28,17 +28,18 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kv.core.records import Entry
+from kv.core.requests import RequestTable, RequestTag
 from kv.core.store import VersionedStore
 from kv.settings import FsyncPolicy
 
 log = logging.getLogger("kvstore.durability")
 
 SNAPSHOT = "snapshot.jsonl"
+REQUESTS = "requests.jsonl"
 TERM_FILE = "term.json"
 LOG_PREFIX = "log-"
 COMPACT_FLOOR_BYTES = 4 * 1024 * 1024
@@ -49,24 +50,68 @@ class CorruptLogError(RuntimeError):
 
 
 def encode_record(entry: Entry) -> bytes:
-    payload = entry.encoded
+    return encode_line(entry.wire)
+
+
+def encode_line(payload: bytes) -> bytes:
+    """One record: the CRC-32 of `payload`, a space, `payload` and a newline."""
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 
-def decode_record(line: bytes) -> Entry | None:
-    """The entry in one line, or None if the line is damaged."""
+def decode_line(line: bytes) -> bytes | None:
+    """The payload of one record, or None if the line is damaged."""
     if len(line) < 10 or not line.endswith(b"\n") or line[8:9] != b" ":
         return None
     payload = line[9:-1]
     try:
-        if int(line[:8], 16) != zlib.crc32(payload):
-            return None
-        data = json.loads(payload)
-        return Entry(
-            data["key"], data["value"], int(data["version"]), bool(data["deleted"]), payload
-        )
+        return payload if int(line[:8], 16) == zlib.crc32(payload) else None
+    except ValueError:
+        return None
+
+
+def decode_record(line: bytes) -> Entry | None:
+    """The entry in one line, or None if the line is damaged."""
+    payload = decode_line(line)
+    if payload is None:
+        return None
+    try:
+        return Entry.from_json(json.loads(payload), payload)
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def overwritten_requests(store: VersionedStore) -> list[bytes]:
+    """The remembered idempotency keys whose write is no longer the one held for its key, as
+    records: a snapshot keeps only the newest entry of each key, so compaction keeps these
+    beside it (in REQUESTS), and a restarted node still knows them."""
+    records = []
+    for request_id, seen in store.requests.items():
+        held = store.held(seen.key)
+        if held is not None and held.version == seen.version:
+            continue  # the snapshot carries it, tag and all
+        fields = {
+            "id": request_id,
+            "key": seen.key,
+            "version": seen.version,
+            "deleted": seen.deleted,
+            "digest": seen.digest,
+        }
+        records.append(encode_line(json.dumps(fields, separators=(",", ":")).encode()))
+    return records
+
+
+def read_requests(path: Path, store: VersionedStore) -> None:
+    """Remember the requests kept by the last compaction; a damaged record is skipped (it
+    only means that a retry of that one request, if it ever comes, is not recognised)."""
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            data = json.loads(decode_line(line) or b"null")
+            tag = RequestTag(str(data["id"]), int(data["digest"]))
+            key, version, deleted = str(data["key"]), int(data["version"]), bool(data["deleted"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: skipped a damaged record", path)
+            continue
+        store.requests.remember(tag, key, version, deleted)
 
 
 @dataclass
@@ -243,24 +288,18 @@ class DurableLog:
 
     # -- compaction ------------------------------------------------------------
 
-    def maybe_compact(self, snapshot: Callable[[], list[Entry]]) -> bool:
-        """Replace the logs by a snapshot once they outgrow it; True if it did."""
+    def maybe_compact(self, store: VersionedStore) -> bool:
+        """Replace the logs by a snapshot of `store` once they outgrow it; True if it did."""
         if self.log_bytes < max(self.compact_floor_bytes, self.snapshot_bytes):
             return False
-        self.compact(snapshot())
+        self.compact(store.entries(), overwritten_requests(store))
         return True
 
-    def compact(self, entries: list[Entry]) -> None:
+    def compact(self, entries: list[Entry], requests: list[bytes] | None = None) -> None:
         old_logs = self._log_files()
         self._open_next_log()  # appends from now on go to a log the snapshot does not cover
-        temporary = self.directory / (SNAPSHOT + ".tmp")
-        with temporary.open("wb") as handle:
-            for entry in entries:
-                handle.write(encode_record(entry))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.directory / SNAPSHOT)
-        self._fsync_directory()
+        self._write_atomically(REQUESTS, requests or [])
+        self._write_atomically(SNAPSHOT, [encode_record(entry) for entry in entries])
         current = self.directory / f"{LOG_PREFIX}{self._log_seq}.jsonl"
         for path in old_logs:
             if path != current:
@@ -269,6 +308,15 @@ class DurableLog:
         self.log_bytes = current.stat().st_size
         self.compactions += 1
         log.info("compacted the log into a snapshot of %d entries", len(entries))
+
+    def _write_atomically(self, name: str, records: list[bytes]) -> None:
+        temporary = self.directory / (name + ".tmp")
+        with temporary.open("wb") as handle:
+            handle.writelines(records)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.directory / name)
+        self._fsync_directory()
 
     async def close(self) -> None:
         if self._ticker is not None:
@@ -287,6 +335,8 @@ class DurableLog:
 def restore(directory: Path, policy: FsyncPolicy, store: VersionedStore) -> DurableLog:
     """Open a node's log in `directory` and replay it into `store`."""
     durable = DurableLog(directory, policy)
+    if (requests := directory / REQUESTS).exists():
+        read_requests(requests, store)
     recovery = durable.recover()
     for entry in recovery.entries:
         store.maybe_apply(entry)
@@ -332,8 +382,13 @@ def save_term(directory: Path, term: int, leader_id: str | None) -> None:
 class Storage:
     """A node's store and, with DATA_DIR, its log: the one place both roles write through."""
 
-    def __init__(self, data_dir: Path | None, policy: FsyncPolicy = FsyncPolicy.EVERYSEC) -> None:
-        self.store = VersionedStore()
+    def __init__(
+        self,
+        data_dir: Path | None,
+        policy: FsyncPolicy = FsyncPolicy.EVERYSEC,
+        requests: RequestTable | None = None,
+    ) -> None:
+        self.store = VersionedStore(requests)
         self.data_dir = data_dir
         self.policy = policy
         self.durable: DurableLog | None = None
@@ -356,7 +411,7 @@ class Storage:
         """Append applied entries to the log (compacting it when it has grown)."""
         if self.durable is not None and entries:
             self.durable.append(entries)
-            self.durable.maybe_compact(self.store.entries)
+            self.durable.maybe_compact(self.store)
 
     @property
     def waits_for_fsync(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from kv.core.changes import ChangeFeed
+from kv.core.requests import RequestTable
 from kv.settings import NodeSettings
 from kv.storage.log import Storage
 from kv.web.consistency import VersionGate
@@ -23,7 +24,11 @@ class NodeState(NamedTuple):
 
 def node_state(settings: NodeSettings) -> NodeState:
     return NodeState(
-        Storage(settings.data_dir, settings.appendfsync),
+        Storage(
+            settings.data_dir,
+            settings.appendfsync,
+            RequestTable(settings.idempotency_window_s, settings.idempotency_max_keys),
+        ),
         ChangeFeed(settings.change_feed_entries),
         VersionGate(),
     )

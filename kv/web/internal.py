@@ -8,13 +8,13 @@ from fastapi import HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
 from kv.core.records import Entry
+from kv.core.requests import RequestTag
 from kv.follower.node import Applied, Page, Refused
 from kv.follower.service import FollowerService
 from kv.web.auth import SECRET_HEADER
 from kv.web.schemas import (
     ErrorResponse,
     FollowerEntries,
-    ReplicatedEntry,
     ReplicateRequest,
     ReplicateResponse,
     TermConflict,
@@ -50,7 +50,16 @@ REJECTED_WRITE: dict[int | str, dict[str, Any]] = {
 
 
 def entries_of(body: ReplicateRequest) -> list[Entry]:
-    return [Entry(e.key, e.value, e.version, e.deleted) for e in body.entries]
+    return [
+        Entry(
+            e.key,
+            e.value,
+            e.version,
+            e.deleted,
+            request=None if e.request is None else RequestTag(e.request.id, e.request.digest),
+        )
+        for e in body.entries
+    ]
 
 
 def refused(refusal: Refused) -> JSONResponse:
@@ -74,20 +83,20 @@ def confirmation(outcome: Applied, last_version: int, term: int, node_id: str) -
 
 
 def page_body(page: Page, last_version: int, term: int, node_id: str) -> Response:
-    body = FollowerEntries.model_construct(
-        entries=[
-            ReplicatedEntry.model_construct(
-                key=e.key, value=e.value, version=e.version, deleted=e.deleted
-            )
-            for e in page.entries
-        ],
+    """A FollowerEntries body, joined from each entry's cached JSON: a page can hold a hundred
+    thousand entries, and none of them is encoded again."""
+    rest = FollowerEntries.model_construct(
+        entries=[],
         last_version=last_version,
         term=term,
         node_id=node_id,
         next_after=page.next_after,
+    ).model_dump_json()
+    entries = b",".join(e.wire for e in page.entries)
+    return Response(
+        b'{"entries":[' + entries + b"]," + rest.encode()[len('{"entries":[],') :],
+        media_type="application/json",
     )
-    # Built without re-validating: a page can hold a hundred thousand entries.
-    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def write_elsewhere(request: Request, node: FollowerService) -> Response:

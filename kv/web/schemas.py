@@ -254,11 +254,22 @@ class PrimaryResponse(BaseModel):
     reason: str | None = Field(None, description="Why this node is not the primary.")
 
 
+class RequestTagBody(BaseModel):
+    """The client request that made an entry (its Idempotency-Key), replicated with it."""
+
+    id: Annotated[StrictStr, Field(min_length=1, max_length=255)]
+    digest: Annotated[StrictInt, Field(ge=0, lt=2**32)] = Field(
+        description="CRC-32 of the request (key, delete or not, value), to tell a retry from a "
+        "different request that reuses the key."
+    )
+
+
 class ReplicatedEntry(BaseModel):
     key: Key
     value: Any = None
     version: Annotated[StrictInt, Field(ge=1)]
     deleted: StrictBool = False
+    request: RequestTagBody | None = None
 
 
 class ReplicateRequest(BaseModel):

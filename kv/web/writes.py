@@ -8,6 +8,7 @@ from fastapi import Header, HTTPException, Query
 from fastapi.responses import JSONResponse, Response
 
 from kv.core.records import Entry, encode_json
+from kv.core.requests import RequestTag, invalid_key_reason, request_digest
 from kv.core.stats import WriteFailure
 from kv.core.store import VersionMismatch
 from kv.leader.node import ANY, Expected
@@ -46,6 +47,29 @@ CONDITIONAL_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "If-Match or if_version did not match the key's version: nothing written.",
     }
 }
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        description="Any string of up to 255 printable ASCII characters, unique per request "
+        "(a UUID). A retry with the same key is answered with the write the first request "
+        "made (header `Idempotent-Replayed: true`), never written twice; remembered for "
+        "IDEMPOTENCY_WINDOW_S. Reusing a key for a different request is a 422.",
+    ),
+]
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+def request_tag(
+    idempotency_key: str | None, key: str, deleted: bool, value_json: str
+) -> RequestTag | None:
+    """The tag a write with this Idempotency-Key carries; 422 if the key is unusable."""
+    if idempotency_key is None:
+        return None
+    if (reason := invalid_key_reason(idempotency_key)) is not None:
+        raise HTTPException(422, reason)
+    return RequestTag(idempotency_key, request_digest(key, deleted, value_json))
 
 
 def expected_version(if_version: int | None, if_match: str | None) -> Expected:
@@ -139,9 +163,14 @@ def write_response(
     reachable: int,
     followers: int,
     max_queue: int,
+    replayed: bool = False,
 ) -> Response:
-    """200 with the write and its deliveries, or 503 saying why the quorum was missed."""
+    """200 with the write and its deliveries, or 503 saying why the quorum was missed.
+    `replayed`: the write a repeated Idempotency-Key made before, confirmed again."""
     latency_ms = round(latency_s * 1000, 3)
+    headers = {"ETag": etag(entry.version)}
+    if replayed:
+        headers[REPLAYED_HEADER] = "true"
     reports = [delivery_report(d) for d in outcome.deliveries]
     if failure is not None:
         if failure is WriteFailure.OVERFLOW:
@@ -169,9 +198,7 @@ def write_response(
             latency_ms=latency_ms,
             replication=[DeliveryReport(**report) for report in reports],
         )
-        return JSONResponse(
-            body.model_dump(), status_code=503, headers={"ETag": etag(entry.version)}
-        )
+        return JSONResponse(body.model_dump(), status_code=503, headers=headers)
     # A WriteResponse, built by hand on the hot path: the entry's cached JSON already
     # holds key, value, version and deleted, so the value is not encoded a second time.
     rest = {
@@ -184,5 +211,5 @@ def write_response(
     return Response(
         entry.encoded[:-1] + b"," + encode_json(rest)[1:].encode(),
         media_type="application/json",
-        headers={"ETag": etag(entry.version)},
+        headers=headers,
     )

@@ -354,3 +354,57 @@ async def test_ready_needs_write_quorum_followers_reachable_and_health_stays_ok(
             return (await cluster.leader.get("/ready")).status_code == 200
 
         await eventually(ready, timeout=5, what="/ready back to 200")
+
+
+async def test_a_retried_write_with_an_idempotency_key_is_answered_with_the_first_write(
+    cluster: InProcessCluster,
+):
+    headers = {"Idempotency-Key": "req-1"}
+    first = await cluster.leader.post("/keys?w=3", json={"key": "k", "value": 1}, headers=headers)
+    again = await cluster.leader.post("/keys?w=3", json={"key": "k", "value": 1}, headers=headers)
+    assert first.status_code == again.status_code == 200, again.text
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["version"] == first.json()["version"] == 1
+    assert again.json()["acks"] == 3
+    assert set(first.json()) == set(WriteResponse.model_fields)  # the tag stays internal
+    assert (await cluster.leader.get("/state")).json()["last_version"] == 1
+    # Every follower learned the key with the entry: any of them could lead next.
+    for app in cluster.follower_apps:
+        assert app.state.node.store.requests.lookup("req-1") is not None
+
+
+async def test_a_retried_compare_and_set_is_not_a_conflict(cluster: InProcessCluster):
+    await cluster.leader.put("/keys/n", json={"value": 0})
+    headers = {"Idempotency-Key": "cas-1", "If-Match": '"1"'}
+    first = await cluster.leader.put("/keys/n", json={"value": 1}, headers=headers)
+    again = await cluster.leader.put("/keys/n", json={"value": 1}, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.json()["version"] == first.json()["version"] == 2
+    fresh = await cluster.leader.put(
+        "/keys/n", json={"value": 1}, headers={"Idempotency-Key": "cas-2", "If-Match": '"1"'}
+    )
+    assert fresh.status_code == 412  # a new request is checked as usual
+
+
+async def test_a_retried_delete_is_the_same_tombstone_not_a_404(cluster: InProcessCluster):
+    await cluster.leader.put("/keys/gone", json={"value": 0})
+    headers = {"Idempotency-Key": "del-1"}
+    first = await cluster.leader.delete("/keys/gone", headers=headers)
+    again = await cluster.leader.delete("/keys/gone", headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.json()["deleted"] is True and again.json()["version"] == first.json()["version"]
+
+
+@pytest.mark.parametrize(
+    ("key", "mentions"),
+    [("x" * 256, "1 to 255"), ("caf\u00e9", "ASCII"), ("reused", "different request")],
+)
+async def test_an_unusable_or_reused_idempotency_key_is_a_422(
+    cluster: InProcessCluster, key: str, mentions: str
+):
+    headers = {b"Idempotency-Key": key.encode("latin-1")}
+    if key == "reused":
+        await cluster.leader.post("/keys", json={"key": "k", "value": 1}, headers=headers)
+    response = await cluster.leader.post("/keys", json={"key": "k", "value": 2}, headers=headers)
+    assert response.status_code == 422 and mentions in response.text

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from kv.client import (
@@ -24,6 +25,8 @@ from kv.client import (
     Unreachable,
     VersionConflict,
 )
+from kv.core.records import term_of
+from tests.support import eventually
 from tools.cluster import HACluster, LocalCluster, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -155,3 +158,83 @@ async def test_writes_find_the_new_leader_after_a_kill(tmp_path: Path) -> None:
             print(f"\nthe client's write went through {took:.2f} s after the kill")
             read = await kv.get("ha-key", node=kv.leader)
             assert read.value == 2
+
+
+async def held_by(urls: list[str], key: str, timeout: float = 20.0) -> int:
+    """Poll until every node in `urls` holds `key`; the version they hold."""
+    versions: set[int] = set()
+
+    async def everywhere() -> bool:
+        versions.clear()
+        async with httpx.AsyncClient(trust_env=False) as http:
+            for url in urls:
+                response = await http.get(f"{url}/keys/{key}")
+                if response.status_code != 200:
+                    return False
+                versions.add(response.json()["version"])
+        return len(versions) == 1
+
+    await eventually(everywhere, timeout)
+    return versions.pop()
+
+
+async def test_a_write_cut_off_by_a_leader_kill_applies_once_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Fixed leader with DATA_DIR: a compare-and-set is applied, the leader dies before it
+    answers, and the client's retry to the restarted leader gets that write back, not a
+    conflict (without the Idempotency-Key, its own first attempt would have failed it)."""
+    with LocalCluster(
+        followers=3, quorum=2, max_delay_ms=0, base_port=0, log_dir=tmp_path, data_dir=tmp_path
+    ) as fixed:
+        async with AsyncKVClient([fixed.leader_url], deadline=40, timeout=30) as kv:
+            start = await kv.put("counter", 0, w=3)
+            fixed.pause_follower(0)  # the write waits for it: the leader dies mid-write
+            increment = asyncio.create_task(
+                kv.compare_and_set("counter", start.version, 1, w=3, timeout_ms=30_000)
+            )
+            applied = await held_by([fixed.leader_url, *fixed.follower_urls[1:]], "counter")
+            assert applied > start.version and not increment.done()
+            fixed.kill_leader()
+            fixed.resume_follower(0)
+            await asyncio.to_thread(fixed.restart_leader)
+            written = await asyncio.wait_for(increment, 40)
+        assert written.version == applied  # the first attempt's write, not a second one
+        assert written.term > term_of(applied)  # answered by the restarted leader
+        assert await held_by([fixed.leader_url, *fixed.follower_urls], "counter") == applied
+
+
+@pytest.mark.skipif(
+    shutil.which("etcd") is None and os.environ.get("CI") != "true",
+    reason="etcd is not installed (apt-get install etcd-server)",
+)
+async def test_a_write_cut_off_by_a_failover_applies_once_on_the_new_leader(
+    tmp_path: Path,
+) -> None:
+    """HA: the leader dies after two followers took a write and before it answered; the
+    client's retry reaches the follower elected instead, which knows the Idempotency-Key
+    from the replicated entry and answers with that write."""
+    with HACluster(
+        nodes=5, quorum=2, max_delay_ms=0, base_port=0, scratch=tmp_path, log_dir=tmp_path
+    ) as ha:
+        leader = ha.wait_for_primary(20)
+        followers = [name for name in ha.node_urls() if name != leader]
+        held_back, took_it = followers[:2], followers[2:]
+        async with AsyncKVClient(ha.urls, deadline=40, timeout=30) as kv:
+            start = await kv.put("counter", 0, w=4)
+            for name in held_back:
+                ha.pause(name)
+            increment = asyncio.create_task(
+                kv.compare_and_set("counter", start.version, 1, w=3, timeout_ms=30_000)
+            )
+            urls = [ha.url_of(name) for name in (leader, *took_it)]
+            applied = await held_by(urls, "counter")
+            assert applied > start.version and not increment.done()
+            ha.kill(leader)
+            for name in held_back:  # behind: the election prefers those that took the write
+                ha.resume(name)
+            written = await asyncio.wait_for(increment, 40)
+        assert written.version == applied and written.term > term_of(applied)
+        assert kv.leader in [ha.url_of(name) for name in followers]
+        survivors = [ha.url_of(name) for name in followers]
+        assert await held_by(survivors, "counter") == applied

@@ -93,7 +93,7 @@ async def test_compaction_bounds_what_a_restart_reads(tmp_path: Path):
     store = VersionedStore()
     for i in range(5000):
         durable.append([store.put(f"key{i % 10}", "x" * 20)])
-        durable.maybe_compact(store.entries)
+        durable.maybe_compact(store)
     assert durable.compactions >= 5
     await durable.close()
     total = sum(p.stat().st_size for p in tmp_path.iterdir())
