@@ -14,10 +14,12 @@ $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 
-$(SERVICE_STAMP): requirements.txt | $(PY)
+$(SERVICE_STAMP): requirements.txt pyproject.toml | $(PY)
 	@echo "== installing the service's packages into $(VENV) (once; make test adds the test tools)"
 	@sed '/^# -- not in the image/,$$d' requirements.txt > $(VENV)/service-requirements.txt
 	$(PY) -m pip install --disable-pip-version-check --progress-bar on -r $(VENV)/service-requirements.txt
+	@# The project itself, editable: puts the kvctl command in $(VENV)/bin.
+	$(PY) -m pip install --disable-pip-version-check --quiet --no-deps -e .
 	@touch $@
 
 $(STAMP): requirements.txt requirements-dev.txt $(SERVICE_STAMP)
