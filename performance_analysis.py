@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from kv.client import KVClient, KVError
 from kv.core.outbox import DelayModel
 from tools.cluster import LocalCluster
 from tools.loadgen import ConnectionPool
@@ -148,23 +149,26 @@ async def converge(
     }
 
 
-def cluster_answers(leader: str) -> bool:
+def cluster_answers(url: str) -> bool:
     try:
-        return httpx.get(f"{leader}/health", timeout=1.0, trust_env=False).status_code == 200
-    except httpx.HTTPError:
+        with KVClient([url], deadline=1.0, timeout=1.0) as kv:
+            kv.status(url)
+        return True
+    except KVError:
         return False
 
 
 def followers_of(leader: str, given: str | None) -> list[str]:
-    """The followers to check for convergence: `given`, or those the leader names in GET /.
-    Each must answer from here."""
+    """The followers to check for convergence: `given`, or those the leader names in its
+    /health. Each must answer from here."""
     try:
-        info = httpx.get(f"{leader}/", timeout=5.0, trust_env=False).json()
-    except (httpx.HTTPError, ValueError) as error:
-        raise ClusterError(f"{leader} did not describe itself at GET / ({error})") from None
-    if info.get("role") != "leader":
-        raise ClusterError(f"{leader} is a {info.get('role', 'unknown node')}, not a leader")
-    followers = given.split(",") if given else list(info["config"]["followers"])
+        with KVClient([leader], deadline=5.0) as kv:
+            health = kv.status(leader)
+    except KVError as error:
+        raise ClusterError(f"{leader} did not describe itself at /health ({error})") from None
+    if health.role != "leader":
+        raise ClusterError(f"{leader} is a {health.role}, not a leader")
+    followers = given.split(",") if given else [r.url for r in health.replicas or []]
     silent = [url for url in followers if not cluster_answers(url)]
     if silent:
         how = "--followers" if given else "the leader's GET / (pass --followers to override)"
