@@ -28,8 +28,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kv.client import AsyncKVClient  # noqa: E402
-from tools.cluster import LocalCluster  # noqa: E402
+from kv.client import AsyncKVClient
+from tools.cluster import LocalCluster
 
 Call = Callable[[int], Awaitable[object]]
 
