@@ -146,6 +146,7 @@ async def test_writes_find_the_new_leader_after_a_kill(tmp_path: Path) -> None:
         nodes=4, quorum=2, max_delay_ms=50, base_port=0, scratch=tmp_path, log_dir=tmp_path
     ) as ha:
         leader = ha.wait_for_primary(20)
+        await leader_ready(ha.url_of(leader))
         async with AsyncKVClient(ha.urls, deadline=15) as kv:
             before = await kv.put("ha-key", 1)
             assert kv.leader == ha.url_of(leader)
@@ -158,6 +159,17 @@ async def test_writes_find_the_new_leader_after_a_kill(tmp_path: Path) -> None:
             print(f"\nthe client's write went through {took:.2f} s after the kill")
             read = await kv.get("ha-key", node=kv.leader)
             assert read.value == 2
+
+
+async def leader_ready(url: str, timeout: float = 20.0) -> None:
+    """Poll until the leader at `url` is /ready: it has heard from WRITE_QUORUM followers, so
+    a first write is not refused at once for want of reachable followers."""
+    async with httpx.AsyncClient(trust_env=False) as http:
+
+        async def ready() -> bool:
+            return (await http.get(f"{url}/ready")).status_code == 200
+
+        await eventually(ready, timeout, f"{url} /ready")
 
 
 async def held_by(urls: list[str], key: str, timeout: float = 20.0) -> int:
@@ -218,6 +230,7 @@ async def test_a_write_cut_off_by_a_failover_applies_once_on_the_new_leader(
         nodes=5, quorum=2, max_delay_ms=0, base_port=0, scratch=tmp_path, log_dir=tmp_path
     ) as ha:
         leader = ha.wait_for_primary(20)
+        await leader_ready(ha.url_of(leader))
         followers = [name for name in ha.node_urls() if name != leader]
         held_back, took_it = followers[:2], followers[2:]
         async with AsyncKVClient(ha.urls, deadline=40, timeout=30) as kv:
