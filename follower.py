@@ -29,7 +29,7 @@ from kv.web.errors import install_error_handlers
 from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
-from kv.web.metrics import FollowerCollector, metrics_router
+from kv.web.metrics import NO_TELEMETRY, FollowerCollector, metrics_router
 from kv.web.reads import KEY_ROUTE, KeyPath, read_router
 from kv.web.schemas import (
     FollowerEntries,
@@ -78,6 +78,7 @@ def create_app(
         title="Replicated KV store: follower",
         summary="Applies the leader's versioned entries and serves reads.",
         lifespan=lifespan,
+        telemetry=NO_TELEMETRY,
     )
     app.state.node = node
     install_error_handlers(app)

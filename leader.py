@@ -43,10 +43,11 @@ from kv.settings import LeaderSettings, load_settings
 from kv.web import status, ui, writes
 from kv.web.consistency import MAX_WAIT_MS
 from kv.web.errors import install_error_handlers, key_not_found
+from kv.web.fastpath import FastWrites
 from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
-from kv.web.metrics import LeaderCollector, metrics_router
+from kv.web.metrics import NO_TELEMETRY, LeaderCollector, metrics_router
 from kv.web.reads import KEY_ROUTE, NOT_FOUND, KeyPath, read_router
 from kv.web.schemas import (
     HealthResponse,
@@ -101,9 +102,16 @@ def create_app(
         title="Replicated KV store: leader",
         summary="Accepts writes, versions them and replicates them to a quorum of followers.",
         lifespan=lifespan,
+        telemetry=NO_TELEMETRY,
     )
     app.state.node = node
     install_error_handlers(app)
+
+    async def fast_write(key: str, value: Any, w: int | None, timeout: float | None,
+                         idempotency_key: str | None) -> Response:  # fmt: skip
+        return await put(node, key, value, w, timeout, idempotency_key=idempotency_key)
+
+    app.add_middleware(FastWrites, write=fast_write)  # innermost: inside the body limit
     app.add_middleware(RejectLargeBodies, limit=settings.max_body_bytes)
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "leader"))
@@ -184,9 +192,8 @@ async def replicate(
     )
 
 
-def ready_node(request: Request, w: int | None) -> LeaderNode:
-    """The app's node, if it takes writes now (else 503 saying why) and `w` is in range."""
-    node: LeaderNode = request.app.state.node
+def ready_node(node: LeaderNode, w: int | None) -> LeaderNode:
+    """`node`, if it takes writes now (else 503 saying why) and `w` is in range."""
     writes.check_quorum(w, len(node.settings.followers))
     if (reason := node.waiting_reason()) is not None:
         node.write_stats.failed(WriteFailure.STARTING)
@@ -205,7 +212,7 @@ def earlier_write(node: LeaderNode, tag: RequestTag | None, key: str, value: Any
 
 
 async def put(
-    request: Request,
+    node: LeaderNode,
     key: str,
     value: Any,
     w: int | None,
@@ -214,7 +221,7 @@ async def put(
     idempotency_key: str | None = None,
 ) -> Any:
     started_at = time.monotonic()
-    node = ready_node(request, w)
+    ready_node(node, w)
     value_json = writes.encode_value(value, node.settings.max_value_bytes)
     tag = writes.request_tag(idempotency_key, key, False, value_json)
     if (replay := earlier_write(node, tag, key, value)) is not None:
@@ -241,7 +248,8 @@ async def write_key(
 
     With an `Idempotency-Key`, a repeat of the request (a retry) is answered with the write
     the first one made, and never written twice."""
-    return await put(request, body.key, body.value, w, timeout_ms, idempotency_key=idempotency_key)
+    node = request.app.state.node
+    return await put(node, body.key, body.value, w, timeout_ms, idempotency_key=idempotency_key)
 
 
 @router.put(
@@ -267,7 +275,8 @@ async def put_key(
     with the same `Idempotency-Key` gets the first answer's write, not a 412.
     """
     expected = writes.expected_version(if_version, if_match)
-    return await put(request, key, body.value, w, timeout_ms, expected, idempotency_key)
+    node = request.app.state.node
+    return await put(node, key, body.value, w, timeout_ms, expected, idempotency_key)
 
 
 @router.delete(
@@ -289,7 +298,7 @@ async def delete_key(
     `If-Match` or `?if_version=`, and idempotent with `Idempotency-Key`, as for PUT."""
     expected = writes.expected_version(if_version, if_match)
     started_at = time.monotonic()
-    node = ready_node(request, w)
+    node = ready_node(request.app.state.node, w)
     tag = writes.request_tag(idempotency_key, key, True, "null")
     if (replay := earlier_write(node, tag, key, None)) is not None:
         return await replicate(node, replay.confirm, started_at, w, timeout_ms, replay)

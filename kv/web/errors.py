@@ -45,19 +45,24 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        status = exc.status_code
-        if status == 400 and message == "There was an error parsing the body":
-            # FastAPI's answer to a body that is not even text: the same 422 as bad JSON.
-            status, message = 422, "invalid request: the body is not valid JSON (UTF-8 text)"
-        if status == 422:
-            # Every 422 has the shape /docs documents for it: a list of problems in `detail`.
-            problem = {"type": "value_error", "loc": ["body"], "msg": message}
-            return JSONResponse(error_body(message, [problem]), status_code=422)
-        return JSONResponse(error_body(message), status_code=status, headers=exc.headers)
+        return http_error_response(exc)
 
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+
+
+def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
+    """The JSON answer to an HTTPException, as every route (and the write fast path) gives it."""
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    status = exc.status_code
+    if status == 400 and message == "There was an error parsing the body":
+        # FastAPI's answer to a body that is not even text: the same 422 as bad JSON.
+        status, message = 422, "invalid request: the body is not valid JSON (UTF-8 text)"
+    if status == 422:
+        # Every 422 has the shape /docs documents for it: a list of problems in `detail`.
+        problem = {"type": "value_error", "loc": ["body"], "msg": message}
+        return JSONResponse(error_body(message, [problem]), status_code=422)
+    return JSONResponse(error_body(message), status_code=status, headers=exc.headers)
 
 
 def key_not_found(key: str) -> HTTPException:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 from fastapi import APIRouter
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -35,6 +36,10 @@ METRICS_RESPONSES: dict[int | str, dict[str, object]] = {
         "description": "Prometheus text format; see the README's Metrics section.",
     }
 }
+NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+"""FastAPI's native OpenTelemetry, off: the nodes' metrics are Prometheus's (GET /metrics), and
+asking OpenTelemetry whether a provider is configured cost about 3 % of the leader's CPU per
+write when profiled, with none configured."""
 
 
 def node_gauges(role: str, name: str, term: int, last_version: int) -> Iterator[Metric]:

@@ -408,3 +408,26 @@ async def test_an_unusable_or_reused_idempotency_key_is_a_422(
         await cluster.leader.post("/keys", json={"key": "k", "value": 1}, headers=headers)
     response = await cluster.leader.post("/keys", json={"key": "k", "value": 2}, headers=headers)
     assert response.status_code == 422 and mentions in response.text
+
+
+async def test_the_write_fast_path_and_fastapi_give_the_same_answers(cluster: InProcessCluster):
+    """POST /keys is answered by kv/web/fastpath.py unless something is unusual; then by the
+    FastAPI route. Both must give the same shapes and statuses."""
+    plain = {"content-type": "application/json"}
+    routed = {"content-type": "application/json; charset=utf-8"}  # not plain: FastAPI's route
+    fast = await cluster.leader.post("/keys?w=2", content=b'{"key":"a","value":1}', headers=plain)
+    slow = await cluster.leader.post("/keys?w=2", content=b'{"key":"b","value":1}', headers=routed)
+    assert fast.status_code == slow.status_code == 200
+    assert set(fast.json()) == set(slow.json()) == set(WriteResponse.model_fields)
+    assert fast.headers["etag"] == '"1"' and slow.headers["etag"] == '"2"'
+    for headers in (plain, routed):
+        bad = await cluster.leader.post("/keys", content=b'{"key":""}', headers=headers)
+        assert bad.status_code == 422 and "invalid request" in bad.json()["error"]
+        nan = await cluster.leader.post(
+            "/keys", content=b'{"key":"k","value":NaN}', headers=headers
+        )
+        assert nan.status_code == 422
+        too_many = await cluster.leader.post(
+            "/keys?w=9", content=b'{"key":"k","value":1}', headers=headers
+        )
+        assert too_many.status_code == 422 and "w:" in too_many.json()["error"]
