@@ -26,6 +26,7 @@ from kv.settings import FollowerSettings, load_settings
 from kv.web import internal, status
 from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
+from kv.web.heap import freeze_startup_heap
 from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
@@ -63,6 +64,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         node.open()
+        freeze_startup_heap()
         log.info(
             "follower %s ready; leader is %s",
             node.core.node_id[:8],

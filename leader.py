@@ -44,6 +44,7 @@ from kv.web import status, ui, writes
 from kv.web.consistency import MAX_WAIT_MS
 from kv.web.errors import install_error_handlers, key_not_found
 from kv.web.fastpath import FastWrites
+from kv.web.heap import freeze_startup_heap
 from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
@@ -90,6 +91,7 @@ def create_app(
         # One long-lived httpx.AsyncClient per follower, for the life of the process.
         clients = {url: node.make_client(url) for url in settings.followers}
         node.open(clients)
+        freeze_startup_heap()
         # The /ui page's reads from followers (kv/web/ui.py), apart from replication's.
         app.state.ui_client = httpx.AsyncClient(timeout=MAX_WAIT_MS / 1000 + 5, trust_env=False)
         try:

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from kv.ha.decide import Role
 from kv.ha.node import HANode
+from kv.web.heap import freeze_startup_heap
 
 ETCD_OPERATIONS = ("read", "grant", "campaign", "keepalive", "revoke")
 
@@ -121,6 +122,7 @@ class HAApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.node.start()
+                    freeze_startup_heap()
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                     raise

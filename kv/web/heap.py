@@ -1,0 +1,28 @@
+"""Keep the garbage collector's full collections short: they stall every request while they run.
+
+Profiled under an open-loop load (benchmarks/latency.py), the leader's p99 was ten times its
+p50 at a tenth of its maximum rate, and the stalls were CPython's full (generation 2)
+collections: each traverses every tracked object, and a node holds a few hundred thousand
+from its imports alone (FastAPI, pydantic, httpx) before it holds a single key. With the
+collector off, the same p99 fell from 42 ms to 8.5 ms at 1,500 writes/s. Turning it off
+for good would let reference cycles pile up, so instead :func:`freeze_startup_heap`
+moves everything alive once the node has started into the permanent generation
+(:func:`gc.freeze`, as Instagram does for its forked servers): full collections then
+traverse only what the node made since, and cycles among new objects are still collected.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+log = logging.getLogger("kvstore")
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then exempt every surviving object from future collections."""
+    gc.collect()
+    gc.freeze()
+    log.debug(
+        "froze %d start-up objects out of the garbage collector's reach", gc.get_freeze_count()
+    )
