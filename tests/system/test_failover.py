@@ -193,6 +193,15 @@ async def test_one_primary_and_followers_redirect_writes_to_it(
     # The leader's URL as it is advertised (its URL in CLUSTER); under compose, an address
     # inside the compose network rather than the published port.
     advertised = (await client.get(f"{leader_url}/ha")).json()["url"]
+
+    async def all_know_the_term() -> bool:
+        """A follower learns the leader's term from its first batch or heartbeat."""
+        for url in ha.urls:
+            if (await client.get(f"{url}/health")).json()["term"] < 1:
+                return False
+        return True
+
+    await eventually(all_know_the_term, 10, "every node knowing the leader's term")
     for url in ha.urls:
         info = (await client.get(f"{url}/")).json()
         health = (await client.get(f"{url}/health")).json()
