@@ -23,10 +23,10 @@ from prometheus_client.registry import Collector
 from kv.follower.node import Refused
 from kv.follower.service import FollowerService
 from kv.settings import FollowerSettings, load_settings
+from kv.storage.heap import freeze_startup_heap
 from kv.web import internal, status
 from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
-from kv.web.heap import freeze_startup_heap
 from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log

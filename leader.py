@@ -40,11 +40,11 @@ from kv.leader.node import ANY, Expected, IdempotencyKeyReused, Replay
 from kv.leader.service import ClientFactory, LeaderNode
 from kv.network.delivery import Delivery, QuorumOutcome
 from kv.settings import LeaderSettings, load_settings
+from kv.storage.heap import freeze_startup_heap
 from kv.web import status, ui, writes
 from kv.web.consistency import MAX_WAIT_MS
 from kv.web.errors import install_error_handlers, key_not_found
 from kv.web.fastpath import FastWrites
-from kv.web.heap import freeze_startup_heap
 from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log

@@ -18,6 +18,12 @@ from kv.core.records import Entry
 
 Subscriber = Callable[[Entry], None]
 DEFAULT_CAPACITY = 10_000
+BULK = 50_000
+"""Entries in one call past which, with no subscriber, the feed keeps only the newest."""
+
+
+def _version(entry: Entry) -> int:
+    return entry.version
 
 
 class ChangeFeed:
@@ -50,6 +56,8 @@ class ChangeFeed:
         shorter delay) is never applied to the store, but it is still part of the history:
         it goes into the feed, in its place. Repeats (a redelivery, a snapshot copy) do not.
         """
+        if isinstance(entries, list) and len(entries) > BULK and not self._subscribers:
+            entries = self._received_in_bulk(entries, through)
         for entry in entries:
             version = entry.version
             if version <= self.released_through or version in self._held_versions:
@@ -58,6 +66,30 @@ class ChangeFeed:
             self._sequence += 1
             heapq.heappush(self._held, (version, self._sequence, entry))
         self.release(through)
+
+    def _received_in_bulk(self, entries: list[Entry], through: int) -> list[Entry]:
+        """Release a large batch that nobody watches (a starting leader adopting a follower's
+        million keys) without ordering all of it: only the newest `capacity` entries the
+        watermark releases can stay in the ring, so only they are sorted, and the rest
+        counts as compacted. Returns the entries still to hold back (above the watermark)."""
+        before = self.released_through
+        self.release(through)  # what was held already, up to the new watermark
+        watermark = self.released_through
+        above, released, versions = [], [], set()
+        for entry in entries:
+            version = entry.version
+            if version > watermark:
+                above.append(entry)
+            elif version > before and version not in versions:
+                versions.add(version)
+                released.append(entry)
+        capacity = self._ring.maxlen or 1
+        newest = heapq.nlargest(capacity + 1, released, key=_version)
+        if len(newest) > capacity:
+            self.compacted_through = max(self.compacted_through, newest.pop().version)
+        for entry in reversed(newest):
+            self._append(entry)
+        return above
 
     def release_late(self, entries: Iterable[Entry]) -> None:
         """Entries new to this node though below its watermark (a restarted leader adopting a

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from kv.core.requests import RequestTag
 
 TERM_STRIDE = 1_000_000_000
@@ -60,8 +62,9 @@ class Entry:
         """The entry as compact JSON, encoded once and kept: fanning it out to five followers,
         logging it and paging it out never serialise it again."""
         if not self.encoding:
-            value_json = encode_json(self.value)
-            encoding = encode_entry(self.key, value_json, self.version, self.deleted)
+            encoding = entry_json(
+                dump_trusted(self.key), dump_trusted(self.value), self.version, self.deleted
+            )
             object.__setattr__(self, "encoding", encoding)  # a cache, not a change of value
         return self.encoding
 
@@ -119,7 +122,26 @@ def encode_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def dump_trusted(value: Any) -> bytes:
+    """JSON of a value that was checked when it was written (no NaN), with orjson: about
+    five times faster than the json module, which matters when a node encodes a million
+    entries for a snapshot or a start-up read. Integers past 64 bits, which orjson refuses,
+    go through the json module."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return encode_json(value).encode()
+
+
+def entry_json(key_json: bytes, value_json: bytes, version: int, deleted: bool) -> bytes:
+    flag = b"true" if deleted else b"false"
+    return b'{"key":%b,"value":%b,"version":%d,"deleted":%b}' % (
+        key_json,
+        value_json,
+        version,
+        flag,
+    )
+
+
 def encode_entry(key: str, value_json: str, version: int, deleted: bool) -> bytes:
-    flag = "true" if deleted else "false"
-    text = f'{{"key":{encode_json(key)},"value":{value_json},"version":{version},"deleted":{flag}}}'
-    return text.encode()
+    return entry_json(dump_trusted(key), value_json.encode(), version, deleted)

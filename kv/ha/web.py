@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from kv.ha.decide import Role
 from kv.ha.node import HANode
-from kv.web.heap import freeze_startup_heap
+from kv.storage.heap import freeze_startup_heap
 
 ETCD_OPERATIONS = ("read", "grant", "campaign", "keepalive", "revoke")
 

@@ -25,6 +25,7 @@ from kv.core.stats import WriteStats
 from kv.leader.node import LeaderCore
 from kv.network.delivery import Delivery, FollowerLink, Replicator, follower_client
 from kv.settings import LeaderSettings
+from kv.storage.heap import bulk_load
 from kv.storage.state import NodeState, node_state
 
 log = logging.getLogger("kvstore.leader")
@@ -138,17 +139,18 @@ class LeaderNode(LeaderCore):
         )
 
     async def _start_up(self) -> None:
-        while True:
-            try:
-                await self.replicator.gather(self.startup, leader_id=self.leader_id)
-                break
-            except TermTooLowError as low:
-                if self.term_source is None:
-                    raise
-                log.warning("%s; asking for a newer one", low)
-                self.startup.granted_term = await self.term_source(low.needed)
-        adopted = len(self.startup.outcome.adopted)
-        reports = self.finish_startup()
+        with bulk_load():
+            while True:
+                try:
+                    await self.replicator.gather(self.startup, leader_id=self.leader_id)
+                    break
+                except TermTooLowError as low:
+                    if self.term_source is None:
+                        raise
+                    log.warning("%s; asking for a newer one", low)
+                    self.startup.granted_term = await self.term_source(low.needed)
+            adopted = len(self.startup.outcome.adopted)
+            reports = self.finish_startup()
         now = time.monotonic()
         for link in self.replicator.links:
             if link.url in reports:

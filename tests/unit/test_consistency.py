@@ -1,6 +1,7 @@
 """The pieces behind read-your-writes, conditional writes and the change feed, without HTTP."""
 
 import asyncio
+import random
 
 import pytest
 
@@ -166,3 +167,21 @@ async def test_a_reader_waits_for_an_event_not_a_poll():
     assert await waiting is True
     assert gate.waiting == 0
     assert await gate.wait_for(lambda: False, 0.01) is False
+
+
+def test_a_bulk_batch_nobody_watches_keeps_the_same_newest_entries_as_one_by_one():
+    """A starting leader adopts a million entries at once: the feed sorts only the newest
+    `capacity` of them, and must end up as if it had taken them in order."""
+    entries = [Entry.create(f"k{v % 977}", v, v) for v in range(1, 60_002)]
+    random.Random(3).shuffle(entries)
+    held_back = Entry.create("late", 0, 70_000)  # above the watermark: still held
+    bulk, reference = ChangeFeed(capacity=100), ChangeFeed(capacity=100)
+    reference.subscribe(lambda _: None)  # a watcher: the one-by-one path
+    for feed in (bulk, reference):
+        feed.received([*entries, entries[0], held_back], through=60_001)
+    assert bulk.compacted_through == reference.compacted_through == 59_901
+    assert [e.version for e in bulk.since(59_901) or []] == list(range(59_902, 60_002))
+    assert bulk.since(59_901) == reference.since(59_901)
+    assert bulk.since(100) is None  # compacted past it, as the reference says too
+    bulk.release(70_000)
+    assert (bulk.since(60_001) or [])[-1].version == 70_000
