@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client.registry import Collector
+from starlette.types import Scope
 
 from kv.follower.node import Refused
 from kv.follower.service import FollowerService
@@ -27,6 +28,7 @@ from kv.storage.heap import freeze_startup_heap
 from kv.web import internal, status
 from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
+from kv.web.fastpath import FastJSONPost
 from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
@@ -84,6 +86,14 @@ def create_app(
     )
     app.state.node = node
     install_error_handlers(app)
+
+    async def fast_replicate(body: ReplicateRequest, _: Scope) -> Response:
+        return await apply_batch(node, body)
+
+    # Innermost: inside the body limit and the secret check.
+    app.add_middleware(
+        FastJSONPost, path="/replicate", model=ReplicateRequest, handle=fast_replicate
+    )
     app.add_middleware(RejectLargeBodies, limit=BATCH_BYTES + settings.max_body_bytes)
     app.add_middleware(
         RequireSecret,
@@ -121,7 +131,10 @@ async def replicate(request: Request, body: ReplicateRequest) -> Response:
     seen. Each entry is confirmed only if the follower then holds that very write
     or a newer one; a repeat is harmless.
     """
-    node = service(request)
+    return await apply_batch(service(request), body)
+
+
+async def apply_batch(node: FollowerService, body: ReplicateRequest) -> Response:
     outcome = await node.replicate(
         body.term, body.leader_id, internal.entries_of(body), body.through, body.node_id
     )

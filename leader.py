@@ -44,7 +44,7 @@ from kv.storage.heap import freeze_startup_heap
 from kv.web import status, ui, writes
 from kv.web.consistency import MAX_WAIT_MS
 from kv.web.errors import install_error_handlers, key_not_found
-from kv.web.fastpath import FastWrites
+from kv.web.fastpath import fast_writes
 from kv.web.lazy import lazy_app
 from kv.web.limits import RejectLargeBodies
 from kv.web.logs import configure_logging, install_access_log
@@ -113,7 +113,7 @@ def create_app(
                          idempotency_key: str | None) -> Response:  # fmt: skip
         return await put(node, key, value, w, timeout, idempotency_key=idempotency_key)
 
-    app.add_middleware(FastWrites, write=fast_write)  # innermost: inside the body limit
+    app.add_middleware(fast_writes, write=fast_write)  # innermost: inside the body limit
     app.add_middleware(RejectLargeBodies, limit=settings.max_body_bytes)
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "leader"))

@@ -79,11 +79,23 @@ class Outbox:
     version order.
     """
 
-    def __init__(self, max_batch_entries: int = 1024, max_batch_bytes: int = 4 * 1024 * 1024):
-        if max_batch_entries < 1 or max_batch_bytes < 1:
+    def __init__(
+        self,
+        max_batch_entries: int = 1024,
+        max_batch_bytes: int = 4 * 1024 * 1024,
+        max_snapshot_batch: int = 2048,
+    ):
+        if max_batch_entries < 1 or max_batch_bytes < 1 or max_snapshot_batch < 1:
             raise ValueError("batch limits must be positive")
         self.max_batch_entries = max_batch_entries
         self.max_batch_bytes = max_batch_bytes
+        self.max_snapshot_batch = max_snapshot_batch
+        # A snapshot not yet made into shipments: the entries in version order, from
+        # `_snapshot_at` on. A million shipments made at once would stall the event loop
+        # for seconds; they are made a batch at a time instead (:meth:`_refill`).
+        self._snapshot: list[Entry] = []
+        self._snapshot_at = 0
+        self._snapshot_now = 0.0
         self._delayed: list[tuple[float, int, int, Shipment]] = []  # by ready_at
         self._ready: list[tuple[int, int, Shipment]] = []  # by version
         self._sequence = 0  # tie-breaker, so shipments themselves are never compared
@@ -93,7 +105,33 @@ class Outbox:
         self._held: Counter[int] = Counter()
 
     def __len__(self) -> int:
-        return len(self._delayed) + len(self._ready)
+        return len(self._delayed) + len(self._ready) + self.snapshot_left
+
+    @property
+    def snapshot_left(self) -> int:
+        """Snapshot entries not yet made into shipments."""
+        return len(self._snapshot) - self._snapshot_at
+
+    def add_snapshot(self, entries: list[Entry], now: float) -> None:
+        """Ship `entries` (in version order), ready at once, as a snapshot (`resync`)."""
+        if self.snapshot_left:
+            self._refill(self.snapshot_left)  # an earlier snapshot still going: keep it
+        self._snapshot, self._snapshot_at, self._snapshot_now = entries, 0, now
+
+    def _refill(self, count: int) -> None:
+        """Make the next `count` snapshot entries into ready shipments."""
+        if count <= 0:
+            return
+        end = min(len(self._snapshot), self._snapshot_at + count)
+        now = self._snapshot_now
+        for entry in self._snapshot[self._snapshot_at : end]:
+            self._sequence += 1
+            shipment = Shipment(entry, 0.0, now, now, resync=True)
+            heapq.heappush(self._ready, (entry.version, self._sequence, shipment))
+            self._hold(entry.version)
+        self._snapshot_at = end
+        if end == len(self._snapshot):
+            self._snapshot, self._snapshot_at = [], 0
 
     def add(self, shipment: Shipment) -> None:
         self._sequence += 1
@@ -105,7 +143,11 @@ class Outbox:
         """The lowest version of any shipment held (not on the wire), or None if empty."""
         while self._versions and self._versions[0] not in self._held:
             heapq.heappop(self._versions)
-        return self._versions[0] if self._versions else None
+        lowest = self._versions[0] if self._versions else None
+        if self.snapshot_left:
+            head = self._snapshot[self._snapshot_at].version
+            lowest = head if lowest is None else min(lowest, head)
+        return lowest
 
     def _hold(self, version: int) -> None:
         if version not in self._held:
@@ -126,14 +168,14 @@ class Outbox:
 
     def next_ready_at(self) -> float | None:
         """When a shipment is next ready: -inf if one is ready now, None if there is none."""
-        if self._ready:
+        if self._ready or self.snapshot_left:
             return float("-inf")
         return self._delayed[0][0] if self._delayed else None
 
     def ready_count(self, now: float) -> int:
         """Shipments past their delay and not yet taken: what the follower has yet to take."""
         self._promote(now)
-        return len(self._ready)
+        return len(self._ready) + self.snapshot_left
 
     def take_ready(self, now: float) -> list[Shipment]:
         """Remove and return the shipments ready at `now`, within the batch limits.
@@ -142,9 +184,14 @@ class Outbox:
         entry bigger than the byte limit still ships (on its own).
         """
         self._promote(now)
+        if self.snapshot_left and len(self._ready) < self.max_snapshot_batch:
+            self._refill(self.max_snapshot_batch)
+        # A snapshot goes in larger batches than writes: each is a round trip.
+        resync = bool(self._ready) and self._ready[0][2].resync
+        limit = self.max_snapshot_batch if resync else self.max_batch_entries
         batch: list[Shipment] = []
         size = 0
-        while self._ready and len(batch) < self.max_batch_entries:
+        while self._ready and len(batch) < limit:
             shipment = self._ready[0][2]
             if batch and size + shipment.size > self.max_batch_bytes:
                 break
@@ -156,6 +203,7 @@ class Outbox:
 
     def drain(self) -> list[Shipment]:
         """Remove and return every shipment."""
+        self._refill(self.snapshot_left)
         shipments = [item[3] for item in self._delayed] + [item[2] for item in self._ready]
         self._delayed.clear()
         self._ready.clear()

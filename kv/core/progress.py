@@ -177,8 +177,7 @@ class FollowerProgress:
     def resync(self, now: float) -> None:
         """Queue the leader's whole store for this follower, ready at once."""
         entries = self.snapshot()
-        for entry in entries:
-            self.outbox.add(Shipment(entry, 0.0, now, now, resync=True))
+        self.outbox.add_snapshot(entries, now)
         self.snapshot_outstanding += len(entries)
         self.resyncs += 1
 

@@ -1,16 +1,17 @@
-"""`POST /keys` without FastAPI's router: the leader's hottest route, at a fraction of the CPU.
+"""The two hottest routes without FastAPI's router: `POST /keys` on the leader and
+`POST /replicate` on followers, at a fraction of the CPU.
 
-A write through FastAPI passes its exception and exit-stack middleware, a linear match
-over every route, and dependency solving for a body, two query parameters and a header:
-about a third of the leader's CPU per write when profiled (benchmarks/cpu_per_write.py).
-:class:`FastWrites` answers the plain case itself, between the body limit and FastAPI:
-a JSON body that :class:`~kv.web.schemas.WriteRequest` accepts, and at most `w`,
-`timeout_ms` (well-formed and in range) and an Idempotency-Key. It calls the same write
-function as the route, and turns an HTTPException into the same JSON error. Anything else
-(a body the model refuses, an unknown or malformed parameter, another content type) goes
-to FastAPI untouched, with the body it already read, so every error message and status is
-FastAPI's own. The route stays declared in FastAPI, so /docs and the OpenAPI schema still
-describe it.
+A request through FastAPI passes its exception and exit-stack middleware, a linear match
+over every route, dependency solving, and a JSON parse followed by a separate validation:
+about a third of the leader's CPU per write when profiled (benchmarks/cpu_per_write.py),
+and a quarter of a follower's while it takes a snapshot (benchmarks/million.py).
+:class:`FastJSONPost` answers the plain case itself, between the body limit (and, on
+followers, the secret check) and FastAPI: a JSON body its pydantic model accepts, parsed
+and validated in one pass (`model_validate_json`), handed to the same function the route
+calls; an HTTPException becomes the same JSON error. Anything else (a body the model
+refuses, another content type, for writes an unknown or malformed parameter) goes to
+FastAPI untouched, with the body already read, so every error message and status is
+FastAPI's own. The routes stay declared in FastAPI, so /docs still describes them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,23 +62,26 @@ def plain_parameters(query: bytes) -> tuple[int | None, float | None] | None:
     return w, timeout_ms
 
 
-class FastWrites:
-    """Answers plain `POST /keys` requests with `write`; passes everything else to `app`."""
+class FastJSONPost:
+    """Answers `POST path` with a JSON body that `model` accepts through `handle`, without
+    FastAPI's router; `handle` returns None to leave a request to FastAPI after all."""
 
-    def __init__(self, app: ASGIApp, write: Write) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        path: str,
+        model: type[BaseModel],
+        handle: Callable[[Any, Scope], Awaitable[Response | None]],
+    ) -> None:
         self.app = app
-        self.write = write
+        self.path = path
+        self.model = model
+        self.handle = handle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/keys" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        content_type = idempotency_key = None
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value
-            elif name == b"idempotency-key":
-                idempotency_key = value.decode("latin-1")
         try:
             body = await read_body(receive)
         except HTTPException as refused:  # the body limit, cutting off a chunked body
@@ -85,19 +89,37 @@ class FastWrites:
             return
         if body is None:
             return  # the client went away before sending its body
-        parameters = plain_parameters(scope["query_string"])
-        request = None
-        if content_type == b"application/json" and parameters is not None:
+        parsed = response = None
+        if header(scope, b"content-type") == b"application/json":
             with contextlib.suppress(ValidationError):  # FastAPI explains it
-                request = WriteRequest.model_validate_json(body)
-        if request is None or parameters is None:
+                parsed = self.model.model_validate_json(body)
+        if parsed is not None:
+            try:
+                response = await self.handle(parsed, scope)
+            except HTTPException as refused:
+                response = http_error_response(refused)
+        if response is None:
             await self.app(scope, replaying(body, receive), send)
             return
-        try:
-            response = await self.write(request.key, request.value, *parameters, idempotency_key)
-        except HTTPException as refused:
-            response = http_error_response(refused)
         await response(scope, receive, send)
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key == name), None)
+
+
+def fast_writes(app: ASGIApp, write: Write) -> FastJSONPost:
+    """`POST /keys` through `write`, when its query holds no more than `w` and `timeout_ms`."""
+
+    async def handle(request: WriteRequest, scope: Scope) -> Response | None:
+        parameters = plain_parameters(scope["query_string"])
+        if parameters is None:
+            return None
+        idempotency_key = header(scope, b"idempotency-key")
+        key = None if idempotency_key is None else idempotency_key.decode("latin-1")
+        return await write(request.key, request.value, *parameters, key)
+
+    return FastJSONPost(app, "/keys", WriteRequest, handle)
 
 
 async def read_body(receive: Receive) -> bytes | None:

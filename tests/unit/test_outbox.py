@@ -115,3 +115,31 @@ def test_quorum_counting():
     assert quorum_reached(acks=0, required=0)
     assert not quorum_reached(acks=2, required=3)
     assert quorum_reached(acks=3, required=3)
+
+
+def test_a_snapshot_is_made_into_shipments_a_batch_at_a_time():
+    """A million-entry snapshot must not stall the leader: the outbox holds the entries and
+    makes shipments only as batches leave, while counting every entry as held."""
+    outbox = Outbox(max_batch_entries=4, max_snapshot_batch=100)
+    entries = [Entry.create(f"k{v}", v, v) for v in range(1, 1001)]
+    outbox.add_snapshot(entries, now=0.0)
+    assert len(outbox) == outbox.ready_count(0.0) == 1000 and outbox.min_version() == 1
+    assert outbox.next_ready_at() == float("-inf")
+    outbox.add(Shipment(Entry.create("w", 0, 2000), 0.0, 0.0, 0.0))  # a write meanwhile
+    first = outbox.take_ready(0.0)
+    assert [s.entry.version for s in first] == list(range(1, 101))  # a snapshot-sized batch
+    assert all(s.resync for s in first) and outbox.snapshot_left == 900
+    assert outbox.min_version() == 101 and len(outbox) == 901
+    taken = [s.entry.version for _ in range(9) for s in outbox.take_ready(0.0)]
+    assert taken == list(range(101, 1001))
+    assert [s.entry.version for s in outbox.take_ready(0.0)] == [2000]  # writes: 4 a batch
+    assert len(outbox) == 0 and outbox.min_version() is None
+
+
+def test_draining_returns_the_snapshot_not_yet_shipped():
+    outbox = Outbox(max_snapshot_batch=10)
+    outbox.add_snapshot([Entry.create(f"k{v}", v, v) for v in range(1, 51)], now=0.0)
+    outbox.take_ready(0.0)
+    drained = outbox.drain()
+    assert sorted(s.entry.version for s in drained) == list(range(11, 51))
+    assert len(outbox) == 0 and outbox.min_version() is None

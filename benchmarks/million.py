@@ -1,0 +1,162 @@
+"""A million keys: log replay, snapshot catch-up, memory, and write latency during a snapshot.
+
+    python benchmarks/million.py                    # 1,000,000 keys, 3 followers, W=2
+    python benchmarks/million.py --keys 200000
+
+One cluster with DATA_DIR on every node. The keys are loaded into the followers directly
+(hand-made /replicate batches, as benchmarks/rebuild.py does), then the leader starts and
+reads them. It then measures, one after another:
+
+* **memory:** every node's RSS holding the keys;
+* **log replay:** a follower stopped and started on its DATA_DIR, from launch to /health;
+* **snapshot catch-up:** a follower restarted with an empty DATA_DIR, from launch until it
+  holds every key again (the leader sends it a snapshot of its store);
+* **writes during the snapshot:** an open-loop writer (`--rate` writes/s, W=2) runs for
+  `--window` seconds of steady state, then through the snapshot; p50 and p99 of each are
+  printed side by side, timed from each write's scheduled start.
+
+Numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from rebuild import load, rss_mib  # noqa: E402  (beside this script)
+
+from tools.cluster import LocalCluster, wait_healthy_nodes  # noqa: E402
+from tools.loadgen import ConnectionPool  # noqa: E402
+from tools.study import percentile  # noqa: E402
+
+
+async def open_loop(url: str, rate: float, stop: asyncio.Event) -> list[float]:
+    """Writes at `rate`/s until `stop` is set; each one's latency (ms) from its schedule."""
+    latencies: list[float] = []
+    async with ConnectionPool(url, 256) as pool:
+
+        async def one(i: int, due: float) -> None:
+            response = await pool.request("POST", "/keys?w=2", {"key": f"w{i % 500}", "value": i})
+            if response.status == 200:
+                latencies.append((time.monotonic() - due) * 1000)
+
+        tasks, start, i = [], time.monotonic(), 0
+        while not stop.is_set():
+            due = start + i / rate
+            if (wait := due - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(one(i, due)))
+            i += 1
+        await asyncio.gather(*tasks)
+    return latencies
+
+
+async def quiet(client: httpx.AsyncClient, leader: str) -> bool:
+    """Whether every follower is up and holds what the leader holds."""
+    health = (await client.get(f"{leader}/health", timeout=30)).json()
+    return all(r["state"] == "up" and r["lag"] == 0 for r in health["replicas"])
+
+
+async def caught_up(client: httpx.AsyncClient, url: str, leader_version: int) -> bool:
+    """Whether the follower at `url` holds every write up to `leader_version`: its
+    `applied_through`, which the leader raises only past what it has confirmed."""
+    try:
+        state = (await client.get(f"{url}/health", timeout=5)).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return bool((state.get("applied_through") or 0) >= leader_version)
+
+
+async def during_snapshot(cluster: LocalCluster, args: argparse.Namespace) -> None:
+    fresh = cluster.nodes[3]  # follower 3: restarted with no data
+    async with httpx.AsyncClient(trust_env=False) as client:
+        while not await quiet(client, cluster.leader_url):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)  # the replayed follower is read again first
+        steady_stop, snapshot_stop = asyncio.Event(), asyncio.Event()
+        steady = asyncio.create_task(open_loop(cluster.leader_url, args.rate, steady_stop))
+        await asyncio.sleep(args.window)
+        steady_stop.set()
+        steady_ms = sorted(await steady)
+        during = asyncio.create_task(open_loop(cluster.leader_url, args.rate, snapshot_stop))
+        cluster.restart_follower(2, fresh=True)
+        started = time.monotonic()
+        leader_version = (await client.get(f"{cluster.leader_url}/health")).json()["last_version"]
+        while not await caught_up(client, fresh.url, leader_version):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # polling another process: there is no event to wait on
+        took = time.monotonic() - started
+        snapshot_stop.set()
+        during_ms = sorted(await during)
+        count = (await client.get(f"{fresh.url}/keys", timeout=60)).json()["count"]
+    print(f"snapshot catch-up: a follower restarted empty held all {count:,} keys {took:.1f} s "
+          f"after it was ready (process start not included)")  # fmt: skip
+    for name, ms in (("steady", steady_ms), ("during snapshot", during_ms)):
+        print(f"  writes {name:>16}: {len(ms):>6} at {args.rate:g}/s  "
+              f"p50 {percentile(ms, 50):7.2f} p99 {percentile(ms, 99):8.2f} ms")  # fmt: skip
+    ratio = percentile(during_ms, 99) / percentile(steady_ms, 99)
+    print(f"  p99 during the snapshot / steady p99: {ratio:.2f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--keys", type=int, default=1_000_000)
+    parser.add_argument("--rate", type=float, default=300, help="writes/s of the load")
+    parser.add_argument("--window", type=float, default=5, help="seconds of steady state")
+    args = parser.parse_args()
+    gc.freeze()
+    gc.disable()  # the load generator's own pauses must not count against the store
+    with tempfile.TemporaryDirectory(prefix="kv-million-") as scratch:
+        cluster = LocalCluster(
+            followers=3,
+            quorum=2,
+            max_delay_ms=0,
+            base_port=0,
+            log_dir=Path(scratch),
+            data_dir=Path(scratch) / "data",
+            extra_env={"LOG_LEVEL": "INFO"},
+        )
+        with cluster:
+            cluster.kill_leader()
+
+            async def load_all() -> None:
+                async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+                    await asyncio.gather(
+                        *(load(client, u, args.keys) for u in cluster.follower_urls)
+                    )
+
+            started = time.monotonic()
+            asyncio.run(load_all())
+            print(
+                f"loaded {args.keys:,} keys into 3 followers in {time.monotonic() - started:.1f} s"
+            )
+            leader = cluster.nodes[0]
+            started = time.monotonic()
+            leader.start()
+            wait_healthy_nodes([leader], timeout=600, path="/ready")
+            print(f"leader ready {time.monotonic() - started:.1f} s after launch")
+            rss = [rss_mib(n.process.pid) for n in cluster.nodes if n.process is not None]
+            print("RSS MiB: leader {:.0f}, followers {}".format(
+                rss[0], ", ".join(f"{r:.0f}" for r in rss[1:])))  # fmt: skip
+
+            replayed = cluster.nodes[1]
+            replayed.stop()
+            started = time.monotonic()
+            replayed.start()
+            wait_healthy_nodes([replayed], timeout=600)
+            print(f"log replay: follower 1 answered /health {time.monotonic() - started:.1f} s "
+                  "after launch, its DATA_DIR replayed")  # fmt: skip
+            asyncio.run(during_snapshot(cluster, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
