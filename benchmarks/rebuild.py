@@ -30,11 +30,12 @@ BATCH = 20_000
 MIB = 1024 * 1024
 
 
-async def load(client: httpx.AsyncClient, url: str, keys: int) -> None:
-    for start in range(0, keys, BATCH):
+async def load(client: httpx.AsyncClient, url: str, keys: int, start: int = 0) -> None:
+    """Give the follower at `url` keys `start` .. `start + keys - 1` directly."""
+    for first in range(start, start + keys, BATCH):
         entries = [
             {"key": f"key-{i:07d}", "value": {"n": i}, "version": i + 1, "deleted": False}
-            for i in range(start, min(keys, start + BATCH))
+            for i in range(first, min(start + keys, first + BATCH))
         ]
         response = await client.post(
             f"{url}/replicate",
