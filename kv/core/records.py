@@ -10,7 +10,6 @@ versions are simply 1, 2, 3...
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -35,37 +34,61 @@ class TermExhaustedError(RuntimeError):
     """The current term has no versions left (or a newer term was seen): start a new term."""
 
 
-@dataclass(frozen=True, slots=True)
 class Entry:
-    """One versioned write or deletion, as held in a store and shipped to followers."""
+    """One versioned write or deletion, as held in a store and shipped to followers.
+
+    An entry holds its value once, as JSON (`encoding`): a node holding a million keys
+    would otherwise keep each value twice, as Python objects and as the JSON every
+    follower, log and page needs, and a small dict costs more than its JSON. `value` is
+    decoded from it when asked (a read, a merge of two versions). Treat an entry as
+    immutable: stores, outboxes and feeds share it.
+    """
+
+    __slots__ = ("deleted", "encoding", "key", "request", "version")
 
     key: str
-    value: Any
     version: int
-    deleted: bool = False
-    # The entry as JSON, made at most once (see `encoded`); pass it when it is at hand.
-    encoding: bytes = field(default=b"", compare=False, repr=False)
-    # The client request that made it, when the client sent an Idempotency-Key.
-    request: RequestTag | None = field(default=None, compare=False)
+    deleted: bool
+    encoding: bytes
+    request: RequestTag | None
+
+    def __init__(
+        self,
+        key: str,
+        value: Any,
+        version: int,
+        deleted: bool = False,
+        encoding: bytes = b"",
+        request: RequestTag | None = None,
+    ) -> None:
+        """`encoding`, when given, is this entry's JSON (`encoded`), and `value` is not kept;
+        without it, `value` is encoded now."""
+        self.key = key
+        self.version = version
+        self.deleted = deleted
+        self.request = request
+        self.encoding = encoding or entry_json(
+            dump_trusted(key), dump_trusted(value), version, deleted
+        )
+
+    @property
+    def value(self) -> Any:
+        """The value, decoded from the entry's JSON (None for a deletion)."""
+        return None if self.deleted else orjson.loads(self.encoding)["value"]
 
     @property
     def wire(self) -> bytes:
         """The entry as replicas and logs carry it: `encoded`, plus its request tag if it
         has one. Clients never see the tag (reads, writes and /watch use `encoded`)."""
         if self.request is None:
-            return self.encoded
+            return self.encoding
         tag = f',"request":{{"id":{encode_json(self.request.id)},"digest":{self.request.digest}}}}}'
-        return self.encoded[:-1] + tag.encode()
+        return self.encoding[:-1] + tag.encode()
 
     @property
     def encoded(self) -> bytes:
-        """The entry as compact JSON, encoded once and kept: fanning it out to five followers,
-        logging it and paging it out never serialise it again."""
-        if not self.encoding:
-            encoding = entry_json(
-                dump_trusted(self.key), dump_trusted(self.value), self.version, self.deleted
-            )
-            object.__setattr__(self, "encoding", encoding)  # a cache, not a change of value
+        """The entry as compact JSON, made once: fanning it out to five followers, logging
+        it and paging it out never serialise it again."""
         return self.encoding
 
     @classmethod
@@ -78,18 +101,12 @@ class Entry:
         value_json: str | None = None,
         request: RequestTag | None = None,
     ) -> Entry:
-        """Build an entry and encode it now; pass `value_json` when the value is encoded already
-        (the leader's write path, which had to encode it to check its size)."""
+        """Build an entry; pass `value_json` when the value is encoded already (the leader's
+        write path, which had to encode it to check its size). Raises ValueError for NaN."""
         if value_json is None:
             value_json = encode_json(value)
-        return cls(
-            key,
-            value,
-            version,
-            deleted,
-            encode_entry(key, value_json, version, deleted),
-            request,
-        )
+        encoding = encode_entry(key, value_json, version, deleted)
+        return cls(key, None, version, deleted, encoding, request)
 
     @classmethod
     def from_json(cls, data: dict[str, Any], wire: bytes = b"") -> Entry:
@@ -113,7 +130,19 @@ class Entry:
             self.version == other.version
             and self.key == other.key
             and self.deleted == other.deleted
-            and self.value == other.value
+            and (self.encoding == other.encoding or self.value == other.value)
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Entry) and self.same_write(other)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.version, self.deleted))
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry(key={self.key!r}, value={self.value!r}, version={self.version}, "
+            f"deleted={self.deleted})"
         )
 
 
