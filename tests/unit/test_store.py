@@ -109,3 +109,17 @@ def test_entries_snapshot_includes_tombstones_in_version_order():
     store.put("b", 2)
     store.delete("a")
     assert [(e.key, e.deleted) for e in store.entries()] == [("b", False), ("a", True)]
+
+
+def test_the_fingerprint_kept_up_to_date_equals_one_computed_afresh():
+    from kv.core.store import fingerprint
+
+    leader, replica = VersionedStore(), VersionedStore()
+    leader.begin_term(1)
+    for i in range(200):
+        leader.put(f"k{i % 13}", i)
+        if i % 7 == 0:
+            leader.delete(f"k{i % 13}")
+    for entry in reversed(leader.entries()):  # out of order: stale ones change nothing
+        replica.maybe_apply(entry)
+    assert leader.fingerprint() == fingerprint(leader.entries()) == replica.fingerprint()
