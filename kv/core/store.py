@@ -26,7 +26,6 @@ from typing import Any
 from kv.core.records import Entry, TermExhaustedError, first_version, term_of
 from kv.core.requests import RequestTable, RequestTag
 
-
 BY_VERSION = operator.attrgetter("version")
 """Sort key: about twice as fast as a lambda, for a million entries in a snapshot."""
 
