@@ -74,7 +74,8 @@ class Entry:
     @property
     def value(self) -> Any:
         """The value, decoded from the entry's JSON (None for a deletion)."""
-        return None if self.deleted else orjson.loads(self.encoding)["value"]
+        # The json module, not orjson: orjson reads an integer past 64 bits as a float.
+        return None if self.deleted else json.loads(self.encoding)["value"]
 
     @property
     def wire(self) -> bytes:

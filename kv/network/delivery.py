@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
-import orjson
 
 from kv.core.outbox import DelayModel, Shipment, encode_batch, quorum_reached, retry_backoff
 from kv.core.progress import Confirmation, FollowerProgress, FollowerState
@@ -114,7 +113,9 @@ async def read_page(
         body = response.json()
         raise Fenced(int(body["follower_term"]), str(body["error"]))
     response.raise_for_status()
-    page: dict[str, Any] = orjson.loads(response.content)  # 1.4x the json module's speed
+    # The json module, not orjson (1.4x faster here): orjson reads an integer past 64 bits
+    # as a float, and a value must come back exactly as it was written.
+    page: dict[str, Any] = response.json()
     return page
 
 

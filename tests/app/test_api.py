@@ -431,3 +431,13 @@ async def test_the_write_fast_path_and_fastapi_give_the_same_answers(cluster: In
             "/keys?w=9", content=b'{"key":"k","value":1}', headers=headers
         )
         assert too_many.status_code == 422 and "w:" in too_many.json()["error"]
+
+
+async def test_an_integer_past_64_bits_comes_back_exactly(cluster: InProcessCluster):
+    """Entries hold values as JSON and decode them when read: with the json module, which
+    keeps big integers exact (orjson would read them as floats)."""
+    big = 2**70 + 1
+    written = await cluster.leader.post("/keys?w=3", json={"key": "big", "value": [big, 1.5]})
+    assert written.status_code == 200 and written.json()["value"] == [big, 1.5]
+    for node in [cluster.leader, *cluster.followers]:
+        assert (await node.get("/keys/big")).json()["value"] == [big, 1.5]
