@@ -21,7 +21,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -33,7 +33,7 @@ from rebuild import load, rss_mib  # noqa: E402  (beside this script)
 from throughput import run_wrk  # noqa: E402
 
 from tools.cluster import HOST, LocalCluster, Node, free_port, wait_healthy  # noqa: E402
-from tools.loadgen import ConnectionPool  # noqa: E402
+from tools.loadgen import closed_loop  # noqa: E402
 
 QUIET = {"LOG_LEVEL": "WARNING", "ACCESS_LOG": "off"}
 MIB = 1024 * 1024
@@ -61,25 +61,8 @@ def followers_curve(logs: Path, duration: float) -> None:
         bare.stop()
 
 
-async def closed_loop(url: str, value: str, duration: float, in_flight: int = 16) -> int:
-    done = 0
-    stop = time.monotonic() + duration
-    async with ConnectionPool(url, in_flight) as pool:
-
-        async def writer(n: int) -> None:
-            nonlocal done
-            i = 0
-            while time.monotonic() < stop:
-                response = await pool.request(
-                    "POST", "/keys?w=3", {"key": f"v{n}-{i % 20}", "value": value}
-                )
-                if response.status != 200:
-                    raise RuntimeError(f"write answered {response.status}: {response.body[:200]!r}")
-                done += 1
-                i += 1
-
-        await asyncio.gather(*(writer(n) for n in range(in_flight)))
-    return done
+def sized_write(value: str, n: int, i: int) -> dict[str, str]:
+    return {"key": f"v{n}-{i % 20}", "value": value}
 
 
 def values_curve(logs: Path, duration: float) -> None:
@@ -92,9 +75,15 @@ def values_curve(logs: Path, duration: float) -> None:
         for size, label in ((100, "100 B"), (1024, "1 KiB"), (10 * 1024, "10 KiB"),
                             (100 * 1024, "100 KiB"), (MIB, "1 MiB")):  # fmt: skip
             value = "x" * (size - 2)  # its JSON, quotes included, is `size` bytes
-            started = time.monotonic()
-            writes = asyncio.run(closed_loop(cluster.leader_url, value, duration))
-            rate = writes / (time.monotonic() - started)
+            rate = asyncio.run(
+                closed_loop(
+                    cluster.leader_url,
+                    "/keys?w=3",
+                    partial(sized_write, value),
+                    duration,
+                    in_flight=16,
+                )
+            )
             print(f"| {label} | {rate:,.0f} | {rate * size / 1e6:,.1f} |")
 
 

@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from tools.cluster import LocalCluster  # noqa: E402
-from tools.loadgen import ConnectionPool  # noqa: E402
+from tools.loadgen import ConnectionPool, closed_loop  # noqa: E402
 from tools.study import percentile  # noqa: E402
 
 DEFAULT_PLOT = HERE.parent / "docs" / "latency_vs_load.png"
@@ -62,25 +62,15 @@ class Step:
         return self.p99_ms / self.p50_ms if self.p50_ms else float("inf")
 
 
-async def closed_loop_max(url: str, quorum: int, duration: float, in_flight: int = 32) -> float:
-    """Writes/s with `in_flight` writes always outstanding: the most the store takes."""
-    done = 0
-    stop = time.monotonic() + duration
-    async with ConnectionPool(url, in_flight) as pool:
-
-        async def writer(n: int) -> None:
-            nonlocal done
-            i = 0
-            while time.monotonic() < stop:
-                await pool.request(
-                    "POST", f"/keys?w={quorum}", {"key": f"m{n}-{i % 50}", "value": "x" * 20}
-                )
-                done += 1
-                i += 1
-
-        started = time.monotonic()
-        await asyncio.gather(*(writer(n) for n in range(in_flight)))
-        return done / (time.monotonic() - started)
+async def closed_loop_max(url: str, quorum: int, duration: float) -> float:
+    """Writes/s with 32 writes always outstanding: the most the store takes."""
+    return await closed_loop(
+        url,
+        f"/keys?w={quorum}",
+        lambda n, i: {"key": f"m{n}-{i % 50}", "value": "x" * 20},
+        duration,
+        in_flight=32,
+    )
 
 
 async def open_loop(

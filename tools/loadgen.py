@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,3 +105,27 @@ class ConnectionPool:
 
     async def __aexit__(self, *_: object) -> None:
         await self.close()
+
+
+async def closed_loop(
+    url: str, target: str, body: Callable[[int, int], Any], duration: float, in_flight: int
+) -> float:
+    """Writes/s with `in_flight` POSTs to `target` always outstanding for `duration` seconds:
+    writer n's i-th request carries `body(n, i)`. Raises on an answer other than 200."""
+    done = 0
+    stop = time.monotonic() + duration
+    async with ConnectionPool(url, in_flight) as pool:
+
+        async def writer(n: int) -> None:
+            nonlocal done
+            i = 0
+            while time.monotonic() < stop:
+                response = await pool.request("POST", target, body(n, i))
+                if response.status != 200:
+                    raise RuntimeError(f"write answered {response.status}: {response.body[:200]!r}")
+                done += 1
+                i += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(writer(n) for n in range(in_flight)))
+        return done / (time.monotonic() - started)

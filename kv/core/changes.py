@@ -14,16 +14,12 @@ import heapq
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from kv.core.records import Entry
+from kv.core.records import BY_VERSION, Entry
 
 Subscriber = Callable[[Entry], None]
 DEFAULT_CAPACITY = 10_000
 BULK = 50_000
 """Entries in one call past which, with no subscriber, the feed keeps only the newest."""
-
-
-def _version(entry: Entry) -> int:
-    return entry.version
 
 
 class ChangeFeed:
@@ -84,7 +80,7 @@ class ChangeFeed:
                 versions.add(version)
                 released.append(entry)
         capacity = self._ring.maxlen or 1
-        newest = heapq.nlargest(capacity + 1, released, key=_version)
+        newest = heapq.nlargest(capacity + 1, released, key=BY_VERSION)
         if len(newest) > capacity:
             self.compacted_through = max(self.compacted_through, newest.pop().version)
         for entry in reversed(newest):

@@ -18,16 +18,12 @@ Versions, terms and the entry itself are in :mod:`kv.core.records`.
 from __future__ import annotations
 
 import bisect
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kv.core.records import Entry, TermExhaustedError, first_version, term_of
+from kv.core.records import BY_VERSION, Entry, TermExhaustedError, first_version, term_of
 from kv.core.requests import RequestTable, RequestTag
-
-BY_VERSION = operator.attrgetter("version")
-"""Sort key: about twice as fast as a lambda, for a million entries in a snapshot."""
 
 
 @dataclass(frozen=True, slots=True)
