@@ -13,6 +13,8 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kv.web.asgi import header
+
 SECRET_HEADER = "X-Replication-Secret"
 
 
@@ -45,6 +47,6 @@ class RequireSecret:
         await self.app(scope, receive, send)
 
     def _authentic(self, scope: Scope) -> bool:
-        presented = next((v for k, v in scope["headers"] if k == self.header), None)
+        presented = header(scope, self.header)
         # compare_digest takes as long whatever the first wrong byte, so timing says nothing.
         return presented is not None and hmac.compare_digest(presented, self.secret)

@@ -25,8 +25,9 @@ from urllib.parse import parse_qsl
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kv.web.asgi import header, read_body, replaying
 from kv.web.errors import http_error_response
 from kv.web.schemas import WriteRequest
 
@@ -104,10 +105,6 @@ class FastJSONPost:
         await response(scope, receive, send)
 
 
-def header(scope: Scope, name: bytes) -> bytes | None:
-    return next((value for key, value in scope["headers"] if key == name), None)
-
-
 def fast_writes(app: ASGIApp, write: Write) -> FastJSONPost:
     """`POST /keys` through `write`, when its query holds no more than `w` and `timeout_ms`."""
 
@@ -120,29 +117,3 @@ def fast_writes(app: ASGIApp, write: Write) -> FastJSONPost:
         return await write(request.key, request.value, *parameters, key)
 
     return FastJSONPost(app, "/keys", WriteRequest, handle)
-
-
-async def read_body(receive: Receive) -> bytes | None:
-    """The whole request body; None if the client disconnected first."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def replaying(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that gives `body` once, then whatever the connection sends next."""
-    given = False
-
-    async def replay() -> Message:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay

@@ -6,6 +6,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kv.web.asgi import header
 from kv.web.errors import error_body
 
 
@@ -27,7 +28,7 @@ class RejectLargeBodies:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit():
             if int(declared) > self.limit:
                 response = JSONResponse(
