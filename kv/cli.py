@@ -329,7 +329,9 @@ def status(obj: Context) -> None:
         print_json({"nodes": records})
         return
     columns = ["node", "role", "term", "last_version", "lag", "state", "leader"]
-    table = Table(*(name.replace("_", " ") for name in columns))
+    table = Table()
+    for name in columns:  # URLs wrap rather than end in an ellipsis on a narrow terminal
+        table.add_column(name.replace("_", " "), overflow="fold")
     for r in records:
         table.add_row(*("-" if r.get(name) is None else str(r[name]) for name in columns))
     obj.out.print(table)
