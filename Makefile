@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SERVICE_STAMP := $(VENV)/.installed-service
 STAMP  := $(VENV)/.installed
 
-.PHONY: run run-ha failover test unit app system integration nemesis lint format analysis staleness clean
+.PHONY: certs run run-ha failover test unit app system integration nemesis lint format analysis staleness clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -27,9 +27,13 @@ $(STAMP): requirements.txt requirements-dev.txt $(SERVICE_STAMP)
 	$(PY) -m pip install --disable-pip-version-check --progress-bar on -r requirements-dev.txt
 	@touch $@
 
-## run: start a local cluster (leader on 8000, five followers on 8001-8005)
+## run: start a local cluster (leader on 8000, five followers on 8001-8005); TLS=1: HTTPS
 run: $(SERVICE_STAMP)
-	$(PY) tools/cluster.py $(ARGS)
+	$(PY) tools/cluster.py $(if $(filter-out 0,$(TLS)),--tls) $(ARGS)
+
+## certs: a private CA and a certificate per node in certs/ (tools/certs.py)
+certs: $(SERVICE_STAMP)
+	$(PY) tools/certs.py $(ARGS)
 
 ## run-ha: a private etcd and six HA nodes on 8000-8005 that elect their leader (needs etcd-server)
 run-ha: $(SERVICE_STAMP)

@@ -26,6 +26,7 @@ from kv.follower.service import FollowerService
 from kv.settings import FollowerSettings, load_settings
 from kv.storage.heap import freeze_startup_heap
 from kv.web import internal, status
+from kv.web.access import install_access_control
 from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
 from kv.web.fastpath import FastJSONPost
@@ -99,7 +100,9 @@ def create_app(
         RequireSecret,
         secret=settings.replication_secret,
         paths=frozenset({"/replicate", "/replicate/entries"}),
+        require_cert=settings.tls,  # mutual TLS: the cluster CA's client certificate
     )
+    install_access_control(app, settings)  # tokens, before a body is read (AUTH_FILE)
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "follower"))
     app.include_router(watch_router(node))

@@ -39,9 +39,11 @@ from kv.core.store import VersionMismatch
 from kv.leader.node import ANY, Expected, IdempotencyKeyReused, Replay
 from kv.leader.service import ClientFactory, LeaderNode
 from kv.network.delivery import Delivery, QuorumOutcome
+from kv.network.tls import client_context
 from kv.settings import LeaderSettings, load_settings
 from kv.storage.heap import freeze_startup_heap
 from kv.web import status, ui, writes
+from kv.web.access import check_key, install_access_control
 from kv.web.consistency import MAX_WAIT_MS
 from kv.web.errors import install_error_handlers, key_not_found
 from kv.web.fastpath import fast_writes
@@ -93,7 +95,11 @@ def create_app(
         node.open(clients)
         freeze_startup_heap()
         # The /ui page's reads from followers (kv/web/ui.py), apart from replication's.
-        app.state.ui_client = httpx.AsyncClient(timeout=MAX_WAIT_MS / 1000 + 5, trust_env=False)
+        app.state.ui_client = httpx.AsyncClient(
+            timeout=MAX_WAIT_MS / 1000 + 5,
+            trust_env=False,
+            verify=client_context(settings) or True,
+        )
         try:
             yield
         finally:
@@ -115,6 +121,7 @@ def create_app(
 
     app.add_middleware(fast_writes, write=fast_write)  # innermost: inside the body limit
     app.add_middleware(RejectLargeBodies, limit=settings.max_body_bytes)
+    install_access_control(app, settings)  # tokens, before a body is read (AUTH_FILE)
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "leader"))
     app.include_router(watch_router(node))
@@ -250,6 +257,7 @@ async def write_key(
 
     With an `Idempotency-Key`, a repeat of the request (a retry) is answered with the write
     the first one made, and never written twice."""
+    check_key(request.scope, body.key)  # a token limited to prefixes (AUTH_FILE)
     node = request.app.state.node
     return await put(node, body.key, body.value, w, timeout_ms, idempotency_key=idempotency_key)
 

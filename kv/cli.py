@@ -47,7 +47,8 @@ EXIT_CODES = {
     QUORUM_NOT_REACHED: "quorum not reached (the write is on the leader, not yet confirmed)",
     CONFLICT: "conflict (--if-version did not match; nothing was written)",
     UNREACHABLE: "unreachable: no node answered, or none was ready, before the deadline",
-    REFUSED: "any other refusal by the server (401/403 secrets, 422 invalid input)",
+    REFUSED: "any other refusal by the server (401/403 a missing or limited token, "
+    "422 invalid input)",
 }
 EXIT_HELP = "\b\nExit codes:\n" + "\n".join(
     f"  {code}  {what}" for code, what in EXIT_CODES.items()
@@ -75,11 +76,18 @@ class Context:
     out: Console
     err: Console
 
+    token: str | None = None
+    ca_file: str | None = None
+
     def client(self) -> KVClient:
-        return KVClient(self.endpoints, deadline=self.deadline)
+        return KVClient(
+            self.endpoints, deadline=self.deadline, token=self.token, ca_file=self.ca_file
+        )
 
     def async_client(self) -> AsyncKVClient:
-        return AsyncKVClient(self.endpoints, deadline=self.deadline)
+        return AsyncKVClient(
+            self.endpoints, deadline=self.deadline, token=self.token, ca_file=self.ca_file
+        )
 
     def fail(self, error: KVError) -> NoReturn:
         self.err.print(f"[red]error:[/red] {error.reason}", highlight=False, markup=True)
@@ -153,9 +161,29 @@ def endpoints_option(value: str | None) -> list[str]:
     show_default=True,
     help="Seconds each command may take, retries included.",
 )
+@click.option(
+    "--token",
+    envvar="KV_TOKEN",
+    metavar="TOKEN",
+    help="Bearer token, when the nodes have AUTH_FILE (env KV_TOKEN; prefer the variable: "
+    "a command line is visible to other users).",
+)
+@click.option(
+    "--cacert",
+    envvar="KV_CACERT",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The cluster's CA (certs/ca.pem), for https:// nodes (env KV_CACERT).",
+)
 @click.version_option(package_name="replicated-kv", prog_name="kvctl")
 @click.pass_context
-def cli(ctx: click.Context, endpoints: str | None, output: str, deadline: float) -> None:
+def cli(
+    ctx: click.Context,
+    endpoints: str | None,
+    output: str,
+    deadline: float,
+    token: str | None,
+    cacert: str | None,
+) -> None:
     """kvctl: read, write and watch the replicated key-value store."""
     ctx.obj = Context(
         endpoints_option(endpoints),
@@ -163,6 +191,8 @@ def cli(ctx: click.Context, endpoints: str | None, output: str, deadline: float)
         deadline,
         Console(soft_wrap=True),
         Console(stderr=True, soft_wrap=True),
+        token or None,
+        cacert,
     )
 
 
@@ -263,11 +293,15 @@ class NodeRow:
     error: str | None = None
 
 
-def gather_status(endpoints: list[str], deadline: float) -> list[NodeRow]:
+def gather_status(
+    endpoints: list[str], deadline: float, token: str | None = None, ca_file: str | None = None
+) -> list[NodeRow]:
     """Every endpoint's /health, plus each follower a leader names that was not listed."""
 
     async def run() -> list[NodeRow]:
-        async with AsyncKVClient(endpoints, deadline=deadline, timeout=deadline) as kv:
+        async with AsyncKVClient(
+            endpoints, deadline=deadline, timeout=deadline, token=token, ca_file=ca_file
+        ) as kv:
 
             async def one(url: str) -> NodeRow:
                 try:
@@ -294,7 +328,7 @@ def gather_status(endpoints: list[str], deadline: float) -> list[NodeRow]:
 def status(obj: Context) -> None:
     """A table of every node: role, term, last version, lag, state and leader. Followers
     that a leader names are added to the endpoints given. Exit 5 if no node answers."""
-    rows = gather_status(obj.endpoints, min(obj.deadline, 3.0))
+    rows = gather_status(obj.endpoints, min(obj.deadline, 3.0), obj.token, obj.ca_file)
     healthy = [row.health for row in rows if row.health is not None]
     if not healthy:
         obj.fail(Unreachable("no node answered: " + "; ".join(str(r.error) for r in rows)))

@@ -19,6 +19,10 @@ a restart with DATA_DIR, or on the follower elected in its place. A write is the
 applied once, whatever is retried; only a write whose every attempt failed before the
 deadline raises :class:`Unreachable`, with its outcome unknown.
 
+With auth on, pass `token` (else KV_TOKEN is used): it goes in every request's
+``Authorization: Bearer`` header; a refusal raises :class:`Unauthorized`. Over TLS, pass the
+cluster's CA as `ca_file` (else KV_CACERT; else the system's CAs verify the nodes).
+
 A :class:`Session` carries the highest version it has written or read, and every read
 asks for it as `min_version`, on any node: read-your-writes and monotonic reads.
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -134,6 +139,8 @@ class AsyncKVClient:
         deadline: float = 10.0,
         timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        token: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = endpoints.split(",")
@@ -144,8 +151,15 @@ class AsyncKVClient:
         self.deadline = deadline
         self.leader: str | None = None
         """The leader found last: writes go there first."""
+        token = token if token is not None else os.environ.get("KV_TOKEN") or None
+        ca_file = ca_file if ca_file is not None else os.environ.get("KV_CACERT") or None
         self._http = httpx.AsyncClient(
-            timeout=timeout, follow_redirects=True, trust_env=False, transport=transport
+            timeout=timeout,
+            follow_redirects=True,
+            trust_env=False,
+            transport=transport,
+            headers={"Authorization": f"Bearer {token}"} if token else None,
+            verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
         )
         self._next = 0
 

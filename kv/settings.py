@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from kv.core.access import Policy
+from kv.web.access import OpenEndpoints
 
 
 class FsyncPolicy(StrEnum):
@@ -65,13 +68,59 @@ class NodeSettings(BaseSettings):
     # How long, and how many, Idempotency-Keys every node remembers (kv/core/requests.py).
     idempotency_window_s: float = Field(600, gt=0, le=7 * 86_400)
     idempotency_max_keys: int = Field(100_000, ge=1, le=10_000_000)
+    # TLS (kv/network/tls.py): the cluster's CA, which every outgoing link verifies against
+    # and a follower takes replication's client certificates from; this node's own
+    # certificate and key, which it serves and presents to its followers.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Bearer tokens (kv/core/access.py): unset, every client may do everything.
+    auth_file: Path | None = None
+    # While AUTH_FILE is set: what answers without a token (Prometheus and HAProxy).
+    auth_open: OpenEndpoints = OpenEndpoints.PROBES_AND_METRICS
+    _policy: Policy | None = PrivateAttr(None)
 
-    @field_validator("data_dir", mode="before")
+    @field_validator(
+        "data_dir", "tls_ca_file", "tls_cert_file", "tls_key_file", "auth_file", mode="before"
+    )
     @classmethod
-    def _empty_data_dir_is_none(cls, value: object) -> object:
+    def _empty_path_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("appendfsync", "log_format", "access_log", mode="before")
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file", "auth_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)!r} is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _check_security(self) -> NodeSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE go together: set both or neither")
+        if self.tls_cert_file is not None and self.tls_ca_file is None:
+            raise ValueError(
+                "TLS_CA_FILE is required with TLS_CERT_FILE: the CA this node verifies its "
+                "peers' certificates against"
+            )
+        if self.auth_file is not None:
+            try:
+                self._policy = Policy.from_file(self.auth_file)
+            except ValueError as error:
+                raise ValueError(f"AUTH_FILE {str(self.auth_file)!r} {error}") from None
+        return self
+
+    @property
+    def policy(self) -> Policy | None:
+        """The tokens of AUTH_FILE, read once at start-up; None: auth is off."""
+        return self._policy
+
+    @property
+    def tls(self) -> bool:
+        """This node serves HTTPS and presents its certificate to the nodes it calls."""
+        return self.tls_cert_file is not None
+
+    @field_validator("appendfsync", "log_format", "access_log", "auth_open", mode="before")
     @classmethod
     def _lower_choice(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -88,6 +137,11 @@ class NodeSettings(BaseSettings):
             return self.node_name
         port = port_from_argv(sys.argv)
         return f"{self.ROLE}:{port}" if port else self.ROLE
+
+    @property
+    def bind_host(self) -> str:
+        """The address this node listens on: uvicorn's --host."""
+        return host_from_argv(sys.argv)
 
     @property
     def max_body_bytes(self) -> int:
@@ -227,11 +281,20 @@ def load_settings(cls: type[SettingsT]) -> SettingsT:
 
 def port_from_argv(argv: list[str]) -> str | None:
     """The value of `--port N` or `--port=N`, as uvicorn's command line takes it."""
+    return option_from_argv(argv, "--port")
+
+
+def host_from_argv(argv: list[str]) -> str:
+    """The address uvicorn binds: `--host`, else its default, 127.0.0.1."""
+    return option_from_argv(argv, "--host") or "127.0.0.1"
+
+
+def option_from_argv(argv: list[str], option: str) -> str | None:
     for i, arg in enumerate(argv):
-        if arg == "--port" and i + 1 < len(argv):
+        if arg == option and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--port="):
-            return arg.removeprefix("--port=")
+        if arg.startswith(option + "="):
+            return arg.removeprefix(option + "=")
     return None
 
 
@@ -326,6 +389,10 @@ class HASettings(NodeSettings):
     @property
     def url(self) -> str:
         return self.cluster[str(self.node_name)]
+
+    @property
+    def bind_host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
 
     @property
     def peers(self) -> dict[str, str]:

@@ -5,6 +5,8 @@
     python tools/cluster.py --base-port 0         # free ports, printed at start-up
     python tools/cluster.py --memory              # no DATA_DIR (default: each node's log in .data/)
     python tools/cluster.py --ha                  # a private etcd and six HA nodes on 8000-8005
+    python tools/cluster.py --tls                 # HTTPS and mutual TLS, certificates in certs/
+    python tools/cluster.py --auth-file auth.toml # bearer tokens (README: Security)
 
 Ctrl-C stops every process. The same :class:`LocalCluster` is what the tests and
 scripts use when no running cluster is given, and it doubles as their fault
@@ -25,6 +27,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -34,6 +37,8 @@ from pathlib import Path
 from typing import Protocol
 
 import httpx
+
+from kv.network.tls import uvicorn_args
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 HOST = "127.0.0.1"
@@ -92,14 +97,16 @@ def wait_healthy(
     timeout: float,
     processes: Sequence[subprocess.Popen[bytes]] = (),
     path: str = "/health",
+    ca: Path | None = None,
 ) -> None:
     """Poll each URL's `path` until it answers 200, or raise naming the ones that did not.
 
     `/health` is liveness; a leader's `/ready` answers 200 only once it takes writes.
+    `ca`: the CA an https:// node's certificate is verified against.
     """
     deadline = time.monotonic() + timeout
     waiting = list(urls)
-    with httpx.Client(timeout=1.0, trust_env=False) as client:
+    with httpx.Client(timeout=1.0, trust_env=False, verify=verifier(ca)) as client:
         while waiting:
             for process in processes:
                 if process.poll() is not None:
@@ -118,6 +125,11 @@ def wait_healthy(
                 what = "healthy" if path == "/health" else f"answering {path}"
                 raise TimeoutError(f"not {what} after {timeout:g} s: {', '.join(waiting)}")
             time.sleep(0.05)
+
+
+def verifier(ca: Path | None) -> ssl.SSLContext | bool:
+    """httpx's `verify` for a cluster whose certificates `ca` signed (tools/certs.py)."""
+    return ssl.create_default_context(cafile=str(ca)) if ca is not None else True
 
 
 def die_with_parent() -> None:
@@ -182,7 +194,7 @@ def stop_process(
 def wait_healthy_nodes(nodes: Sequence[Node], timeout: float, path: str = "/health") -> None:
     """Wait for nodes this launcher started, failing at once if one of them exits."""
     processes = [n.process for n in nodes if n.process]
-    wait_healthy([node.url for node in nodes], timeout, processes, path)
+    wait_healthy([node.url for node in nodes], timeout, processes, path, nodes[0].ca)
 
 
 class ClusterControl(Protocol):
@@ -209,17 +221,29 @@ class Node:
     process: subprocess.Popen[bytes] | None = None
 
     @property
+    def tls(self) -> bool:
+        return "TLS_CERT_FILE" in self.env
+
+    @property
+    def ca(self) -> Path | None:
+        return Path(self.env["TLS_CA_FILE"]) if "TLS_CA_FILE" in self.env else None
+
+    @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}"
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
+        tls = []
+        if self.tls:  # HTTPS, from the same files the node's own settings name
+            env = self.env
+            tls = uvicorn_args(env["TLS_CERT_FILE"], env["TLS_KEY_FILE"], env["TLS_CA_FILE"])
         command = [
             sys.executable, "-m", "uvicorn", f"{self.role}:app",
-            "--host", HOST, "--port", str(self.port), *self.uvicorn_args,
+            "--host", HOST, "--port", str(self.port), *self.uvicorn_args, *tls,
         ]  # fmt: skip
         # Without a log file the node writes to the launcher's terminal.
         self.process = spawn(command, self.log_path, cwd=self.cwd, env=self.env)
@@ -259,7 +283,25 @@ class LocalCluster:
     # The checkout whose leader.py and follower.py run (benchmarks compare two).
     root: Path = ROOT
     uvicorn_args: tuple[str, ...] = QUIET_UVICORN
+    # A folder of tools/certs.py's files (ca.pem, leader.pem, follower1.pem...): HTTPS and
+    # mutual TLS between the nodes. None: plain HTTP.
+    certs: Path | None = None
+    # AUTH_FILE for every node: bearer tokens (kv/core/access.py). None: no tokens needed.
+    auth_file: Path | None = None
     nodes: list[Node] = field(default_factory=list, init=False)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.certs is not None else "http"
+
+    def _tls(self, name: str) -> dict[str, str]:
+        if self.certs is None:
+            return {}
+        return {
+            "TLS_CA_FILE": str(self.certs / "ca.pem"),
+            "TLS_CERT_FILE": str(self.certs / f"{name}.pem"),
+            "TLS_KEY_FILE": str(self.certs / f"{name}-key.pem"),
+        }
 
     def _ports(self) -> list[int]:
         if self.base_port == 0:
@@ -270,6 +312,8 @@ class LocalCluster:
         env = dict(self.extra_env)
         if self.secret is not None:
             env["REPLICATION_SECRET"] = self.secret
+        if self.auth_file is not None:
+            env["AUTH_FILE"] = str(self.auth_file)
         return env
 
     def start(self, timeout: float = 30.0) -> LocalCluster:
@@ -277,7 +321,7 @@ class LocalCluster:
         ensure_free(ports)
         leader_port, follower_ports = ports[0], ports[1:]
         common = self._common_env()
-        leader_url = f"http://{HOST}:{leader_port}"
+        leader_url = f"{self.scheme}://{HOST}:{leader_port}"
         followers = [
             Node(
                 "follower",
@@ -287,6 +331,7 @@ class LocalCluster:
                     "NODE_NAME": f"follower{i + 1}",
                     "LEADER_URL": leader_url,
                     **self._data(f"follower{i + 1}"),
+                    **self._tls(f"follower{i + 1}"),
                 },
                 self._log("follower", i + 1),
                 cwd=self.root,
@@ -298,6 +343,7 @@ class LocalCluster:
             **common,
             "NODE_NAME": "leader",
             **self._data("leader"),
+            **self._tls("leader"),
             "FOLLOWERS": ",".join(node.url for node in followers),
             "MIN_DELAY_MS": f"{self.min_delay_ms:g}",
             "MAX_DELAY_MS": f"{self.max_delay_ms:g}",
@@ -937,7 +983,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="elect the leader through etcd: --followers + 1 HA nodes (python -m kv.ha) and a "
         "private etcd, unless ETCD_ENDPOINTS names one",
     )
+    parser.add_argument(
+        "--tls",
+        nargs="?",
+        const=ROOT / "certs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="HTTPS on every node and mutual TLS for replication, with the certificates in "
+        "DIR (default certs/; made by tools/certs.py when it has no ca.pem)",
+    )
+    parser.add_argument(
+        "--auth-file", type=Path, default=None, help="AUTH_FILE for every node: bearer tokens"
+    )
     args = parser.parse_args(argv)
+    if args.ha and (args.tls or args.auth_file):
+        parser.error("--tls and --auth-file are for the fixed roles; set TLS_* and AUTH_FILE "
+                     "in the environment for --ha")  # fmt: skip
     if args.followers < 0:
         parser.error("--followers must be 0 or more")
     if args.quorum is not None and not 0 <= args.quorum <= args.followers:
@@ -945,6 +1007,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.min_delay_ms < 0 or args.max_delay_ms < args.min_delay_ms:
         parser.error("delays must satisfy 0 <= --min-delay-ms <= --max-delay-ms")
     return args
+
+
+def ensure_certs(folder: Path, followers: int) -> None:
+    """tools/certs.py's CA and node certificates in `folder`, made unless they are there."""
+    names = ["leader", *(f"follower{i}" for i in range(1, followers + 1))]
+    if all((folder / f"{name}.pem").exists() for name in ["ca", *names]):
+        return
+    if str(ROOT) not in sys.path:  # run as a script: tools/ is not a package on the path
+        sys.path.insert(0, str(ROOT))
+    from tools.certs import DEFAULT_NAMES, make_certs  # cryptography: only when needed
+
+    make_certs(folder, sorted(set(DEFAULT_NAMES) | set(names)))
+    print(f"made a private CA and node certificates in {folder}/")
 
 
 def raise_keyboard_interrupt(*_: object) -> None:
@@ -1005,6 +1080,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.ha:
         return main_ha(args)
+    if args.tls is not None:
+        ensure_certs(args.tls, args.followers)
     cluster = LocalCluster(
         followers=args.followers,
         quorum=args.quorum,
@@ -1014,6 +1091,8 @@ def main(argv: list[str] | None = None) -> int:
         base_port=args.base_port,
         log_dir=args.log_dir,
         data_dir=None if args.memory else args.data_dir,
+        certs=args.tls,
+        auth_file=args.auth_file,
     )
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
@@ -1021,6 +1100,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leader    {cluster.leader_url}   (API docs: {cluster.leader_url}/docs)")
         for i, url in enumerate(cluster.follower_urls, 1):
             print(f"follower{i} {url}")
+        if args.tls is not None:
+            print(f"TLS: curl --cacert {args.tls / 'ca.pem'} {cluster.leader_url}/health")
+        if args.auth_file is not None:
+            print(f"tokens from {args.auth_file}: curl -H 'Authorization: Bearer <token>' ...")
         where = f"data in {cluster.data_dir}" if cluster.data_dir else "memory only"
         print(f"{where}; Ctrl-C stops the cluster.", flush=True)
         while all(node.running for node in cluster.nodes):

@@ -20,6 +20,7 @@ import uvicorn
 
 from kv.ha.node import HANode
 from kv.ha.web import HAApp
+from kv.network.tls import uvicorn_options
 from kv.settings import HASettings, load_settings
 from kv.web.logs import configure_logging
 
@@ -65,6 +66,7 @@ def main() -> int:
         log_config=None,
         access_log=False,
         lifespan="on",
+        **uvicorn_options(settings),  # HTTPS with TLS_CERT_FILE (kv/network/tls.py)
     )
     Server(config, node).run()
     return 0

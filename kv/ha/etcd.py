@@ -18,6 +18,7 @@ import asyncio
 import base64
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,15 +53,25 @@ def prefix_end(key: str) -> str:
 class Etcd:
     """One node's connection to etcd: tries each endpoint in turn until one answers."""
 
-    def __init__(self, endpoints: list[str], prefix: str, name: str) -> None:
+    def __init__(
+        self,
+        endpoints: list[str],
+        prefix: str,
+        name: str,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.endpoints = list(endpoints)
         self.prefix = prefix
         self.leader_key = f"{prefix}/leader"
         self.term_key = f"{prefix}/term"
         self.name = name
         self._current = 0
+        # An https:// etcd is verified against TLS_CA_FILE, and given this node's certificate.
         self._client = httpx.AsyncClient(
-            timeout=REQUEST_TIMEOUT_S, trust_env=False, limits=httpx.Limits(max_connections=8)
+            timeout=REQUEST_TIMEOUT_S,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=8),
+            verify=tls or True,
         )
 
     @property

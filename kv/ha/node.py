@@ -52,9 +52,11 @@ from kv.ha.decide import (
 from kv.ha.etcd import Etcd, EtcdError
 from kv.ha.lease import LeaseClock
 from kv.leader.service import LeaderNode
+from kv.network.tls import client_context
 from kv.settings import HASettings
 from kv.storage.state import node_state
 from kv.web import ui
+from kv.web.auth import SECRET_HEADER
 
 log = logging.getLogger("kvstore.ha")
 
@@ -83,7 +85,9 @@ class HANode:
         self.name = str(settings.node_name)
         self.url = settings.url
         self.state = node_state(settings)
-        self.etcd = Etcd(settings.etcd_endpoints, settings.etcd_prefix, self.name)
+        self.etcd = Etcd(
+            settings.etcd_endpoints, settings.etcd_prefix, self.name, client_context(settings)
+        )
         self.lease = LeaseClock(settings.lease_margin_ms / 1000)
         self.lease_id: int | None = None
         self.stale_lease: int | None = None
@@ -110,7 +114,13 @@ class HANode:
         self._tasks: list[asyncio.Task[None]] = []
         self._keeper: asyncio.Task[None] | None = None
         self._hand_over: asyncio.Task[None] | None = None
-        self._peers = httpx.AsyncClient(timeout=PEER_TIMEOUT_S, trust_env=False)
+        # Peers' /ha: with the secret, which opens it while AUTH_FILE is set (kv/web/access.py).
+        self._peers = httpx.AsyncClient(
+            timeout=PEER_TIMEOUT_S,
+            trust_env=False,
+            verify=client_context(settings) or True,
+            headers={SECRET_HEADER: settings.replication_secret},
+        )
 
     # -- what the role apps ask (kv.follower.service.Election) ------------------------
 

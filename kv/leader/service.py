@@ -24,6 +24,7 @@ from kv.core.startup import TermTooLowError
 from kv.core.stats import WriteStats
 from kv.leader.node import LeaderCore
 from kv.network.delivery import Delivery, FollowerLink, Replicator, follower_client
+from kv.network.tls import client_context
 from kv.settings import LeaderSettings
 from kv.storage.heap import bulk_load
 from kv.storage.state import NodeState, node_state
@@ -81,8 +82,9 @@ class LeaderNode(LeaderCore):
         rng = rng or random.Random()
         self.delays = DelayModel(settings.min_delay_ms, settings.max_delay_ms, rng)
         secret = settings.replication_secret
+        tls = client_context(settings)
         self.make_client = client_factory or (
-            lambda url: follower_client(url, secret, MAX_IN_FLIGHT_PER_FOLLOWER)
+            lambda url: follower_client(url, secret, MAX_IN_FLIGHT_PER_FOLLOWER, tls)
         )
         self.replicator = Replicator([])
         self.started_at = time.monotonic()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -610,13 +611,16 @@ def describe_timeout(exc: BaseException, timeout: float) -> str:
     return f"no answer within {timeout * 1000:g} ms"
 
 
-def follower_client(url: str, secret: str, max_in_flight: int) -> httpx.AsyncClient:
+def follower_client(
+    url: str, secret: str, max_in_flight: int, tls: ssl.SSLContext | None = None
+) -> httpx.AsyncClient:
     """One long-lived client per follower: a connection per data batch on the wire, and one
-    more, so a heartbeat never waits behind a batch."""
+    more, so a heartbeat never waits behind a batch. `tls`: the CA to verify an https://
+    follower against, and the certificate to present to it (kv/network/tls.py)."""
     return httpx.AsyncClient(
         base_url=url,
         headers={SECRET_HEADER: secret},
-        transport=KeepAliveTransport(max_in_flight + 1),
+        transport=KeepAliveTransport(max_in_flight + 1, tls),
         timeout=httpx.Timeout(BATCH_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
         trust_env=False,
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -76,9 +77,11 @@ def _consume(future: asyncio.Future[str]) -> None:
 class KeepAliveTransport(httpx.AsyncBaseTransport):
     """Up to `max_connections` keep-alive HTTP/1.1 connections to a single origin."""
 
-    def __init__(self, max_connections: int = 2) -> None:
+    def __init__(self, max_connections: int = 2, ssl_context: ssl.SSLContext | None = None) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        # For https:// (kv/network/tls.py); None: the system's CAs, as httpx would.
+        self._ssl: ssl.SSLContext | bool = ssl_context or True
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._closed = False
@@ -124,7 +127,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
     async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
         url = request.url
         port = url.port or (443 if url.scheme == "https" else 80)
-        tls = url.scheme == "https" or None
+        tls = self._ssl if url.scheme == "https" else None
         with _map_errors(request, httpx.ConnectTimeout):
             async with asyncio.timeout(timeout):
                 address = await self._resolve(url.host, port)

@@ -1,9 +1,14 @@
-"""The replication secret, checked before a request reaches the router.
+"""The replication secret (and, over TLS, the cluster's client certificate), checked
+before a request reaches the router.
 
 Checking it in front of FastAPI means a delivery without the right
 `X-Replication-Secret` is refused before its body is read or parsed (so a
 stranger cannot make a follower parse megabytes), and that an authentic delivery
 pays no dependency-injection machinery on the hot path.
+
+Over TLS (TLS_CERT_FILE set) a delivery must also come on a connection that presented a
+certificate signed by the cluster's CA (mutual TLS; kv/network/tls.py). A certificate
+from another CA never gets this far: the handshake refuses it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kv.network.tls import client_cert_name
 from kv.web.asgi import header
 
 SECRET_HEADER = "X-Replication-Secret"
@@ -21,32 +27,48 @@ SECRET_HEADER = "X-Replication-Secret"
 class RequireSecret:
     """Answer 401 to requests for `paths` that lack the secret; pass everything else on."""
 
-    def __init__(self, app: ASGIApp, secret: str, paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, secret: str, paths: frozenset[str], require_cert: bool = False
+    ) -> None:
         self.app = app
         self.secret = secret.encode()
         self.paths = paths
+        self.require_cert = require_cert
         self.header = SECRET_HEADER.lower().encode()
-        self.refusal = json.dumps(
-            {"error": f"missing or wrong {SECRET_HEADER} header", "detail": None}
-        ).encode()
+        self.wrong_secret = refusal(f"missing or wrong {SECRET_HEADER} header")
+        self.no_cert = refusal(
+            "replication over TLS needs a client certificate signed by the cluster's CA"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in self.paths and not self._authentic(scope):
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(self.refusal)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": self.refusal})
-            return
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            if self.require_cert and client_cert_name(scope) is None:
+                await self.refuse(send, self.no_cert)
+                return
+            if not self._authentic(scope):
+                await self.refuse(send, self.wrong_secret)
+                return
         await self.app(scope, receive, send)
+
+    @staticmethod
+    async def refuse(send: Send, body: bytes) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     def _authentic(self, scope: Scope) -> bool:
         presented = header(scope, self.header)
         # compare_digest takes as long whatever the first wrong byte, so timing says nothing.
         return presented is not None and hmac.compare_digest(presented, self.secret)
+
+
+def refusal(message: str) -> bytes:
+    return json.dumps({"error": message, "detail": None}).encode()

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kv.web.access import check_key
 from kv.web.asgi import header, read_body, replaying
 from kv.web.errors import http_error_response
 from kv.web.schemas import WriteRequest
@@ -112,6 +113,7 @@ def fast_writes(app: ASGIApp, write: Write) -> FastJSONPost:
         parameters = plain_parameters(scope["query_string"])
         if parameters is None:
             return None
+        check_key(scope, request.key)  # a token limited to prefixes (AUTH_FILE)
         idempotency_key = header(scope, b"idempotency-key")
         key = None if idempotency_key is None else idempotency_key.decode("latin-1")
         return await write(request.key, request.value, *parameters, key)

@@ -22,6 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kv.settings import AccessLogMode, NodeSettings
+from kv.web.access import warn_if_open
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(node)s] %(name)s: %(message)s"
 SAMPLE_EVERY = 100
@@ -86,6 +87,7 @@ def configure_logging(settings: NodeSettings) -> None:
             "exposing this node to any network",
             settings.name,
         )
+    warn_if_open(settings, settings.bind_host)
 
 
 class AccessLog:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.convertors import PathConvertor, register_url_convertor
 
+from kv.web.access import covers, visible
 from kv.web.consistency import (
     LAST_VERSION_HEADER,
     MinVersionHeader,
@@ -115,6 +116,7 @@ def read_router(node: ReadableNode, role: Role) -> APIRouter:
         summary="List the live keys, sorted",
     )
     async def list_keys(
+        request: Request,
         response: Response,
         min_version: MinVersionQuery = None,
         wait_ms: WaitMs = 0,
@@ -125,7 +127,7 @@ def read_router(node: ReadableNode, role: Role) -> APIRouter:
             lambda: caught_up(wanted), wait_ms / 1000
         ):
             return not_yet_applied(node, wanted, wait_ms)
-        keys = store.keys()
+        keys = visible(request, store.keys())  # a token's prefixes (AUTH_FILE)
         response.headers[LAST_VERSION_HEADER] = str(node.applied_through)
         return KeyList(keys=keys, count=len(keys))
 
@@ -169,8 +171,8 @@ def read_router(node: ReadableNode, role: Role) -> APIRouter:
         response_model=StateResponse,
         summary="This node's whole store, for consistency checks",
     )
-    async def state() -> StateResponse:
-        live = store.live_items()
+    async def state(request: Request) -> StateResponse:
+        live = [entry for entry in store.live_items() if covers(request, entry.key)]
         return StateResponse(
             role=role,
             store={entry.key: entry.value for entry in live},

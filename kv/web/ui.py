@@ -30,6 +30,7 @@ from kv.core.records import Entry
 from kv.follower.service import FollowerService
 from kv.leader.service import LeaderNode
 from kv.network.delivery import Delivery
+from kv.web.access import presented_token
 from kv.web.consistency import LAST_VERSION_HEADER, MAX_WAIT_MS
 from kv.web.status import leader_health
 from kv.web.watch import sse_event
@@ -221,7 +222,12 @@ async def read(
         params["min_version"] = min_version
     client: httpx.AsyncClient = request.app.state.ui_client
     try:
-        response = await client.get(f"{base}/keys/{quote(key, safe='')}", params=params)
+        # The follower checks the same token (AUTH_FILE), which may have come in a cookie.
+        token = presented_token(request.scope)
+        headers = {} if token is None else {"Authorization": f"Bearer {token.decode('latin-1')}"}
+        response = await client.get(
+            f"{base}/keys/{quote(key, safe='')}", params=params, headers=headers
+        )
     except httpx.HTTPError as error:
         return {"node": base, "status": None, "error": f"{type(error).__name__}: {error}"}
     return {

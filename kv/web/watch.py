@@ -20,11 +20,13 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
+from kv.core.access import Grant
 from kv.core.records import Entry
 from kv.core.store import VersionedStore
+from kv.web.access import grant_of
 from kv.web.consistency import LAST_VERSION_HEADER, ReadableNode
 
 MAX_PENDING = 10_000
@@ -70,12 +72,17 @@ class Subscription:
 
 
 class Filter:
-    def __init__(self, key: str | None, prefix: str | None) -> None:
+    """The entries a watcher asked for (`key`, `prefix`) and its token may see (`grant`)."""
+
+    def __init__(self, key: str | None, prefix: str | None, grant: Grant | None = None) -> None:
         self.key = key
         self.prefix = prefix
+        self.grant = grant
 
     def __call__(self, entry: Entry) -> bool:
         if self.key is not None and entry.key != self.key:
+            return False
+        if self.grant is not None and not self.grant.covers(entry.key):
             return False
         return self.prefix is None or entry.key.startswith(self.prefix)
 
@@ -128,6 +135,7 @@ def watch_router(node: ReadableNode) -> APIRouter:
         summary="Stream applied entries as Server-Sent Events",
     )
     async def watch(
+        request: Request,
         since_version: SinceVersion = None,
         key: Annotated[str | None, Query(description="Only this key.")] = None,
         prefix: Annotated[str | None, Query(description="Only keys starting with this.")] = None,
@@ -137,7 +145,7 @@ def watch_router(node: ReadableNode) -> APIRouter:
 
         See the module's docstring (and the README) for the events."""
         feed = node.changes
-        wanted = Filter(key, prefix)
+        wanted = Filter(key, prefix, grant_of(request))
         since = since_version if since_version is not None else last_event_id
 
         async def stream() -> AsyncIterator[bytes]:
