@@ -31,7 +31,7 @@ from kv.web.auth import RequireSecret
 from kv.web.errors import install_error_handlers
 from kv.web.fastpath import FastJSONPost
 from kv.web.lazy import lazy_app
-from kv.web.limits import RejectLargeBodies
+from kv.web.limits import RejectLargeBodies, raise_open_file_limit
 from kv.web.logs import configure_logging, install_access_log
 from kv.web.metrics import NO_TELEMETRY, FollowerCollector, metrics_router
 from kv.web.reads import KEY_ROUTE, KeyPath, read_router
@@ -68,6 +68,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         node.open()
         freeze_startup_heap()
+        raise_open_file_limit()  # a thousand idle clients must not use up the files
         log.info(
             "follower %s ready; leader is %s",
             node.core.node_id[:8],
@@ -105,7 +106,7 @@ def create_app(
     install_access_control(app, settings)  # tokens, before a body is read (AUTH_FILE)
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "follower"))
-    app.include_router(watch_router(node))
+    app.include_router(watch_router(node, settings.watch_max_pending))
     app.include_router(metrics_router(FollowerCollector(node), *collectors))
     app.include_router(router)
     for extra in routers:

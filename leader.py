@@ -48,7 +48,7 @@ from kv.web.consistency import MAX_WAIT_MS
 from kv.web.errors import install_error_handlers, key_not_found
 from kv.web.fastpath import fast_writes
 from kv.web.lazy import lazy_app
-from kv.web.limits import RejectLargeBodies
+from kv.web.limits import RejectLargeBodies, raise_open_file_limit
 from kv.web.logs import configure_logging, install_access_log
 from kv.web.metrics import NO_TELEMETRY, LeaderCollector, metrics_router
 from kv.web.reads import KEY_ROUTE, NOT_FOUND, KeyPath, read_router
@@ -94,6 +94,7 @@ def create_app(
         clients = {url: node.make_client(url) for url in settings.followers}
         node.open(clients)
         freeze_startup_heap()
+        raise_open_file_limit()  # a thousand idle clients must not use up the files
         # The /ui page's reads from followers (kv/web/ui.py), apart from replication's.
         app.state.ui_client = httpx.AsyncClient(
             timeout=MAX_WAIT_MS / 1000 + 5,
@@ -124,7 +125,7 @@ def create_app(
     install_access_control(app, settings)  # tokens, before a body is read (AUTH_FILE)
     install_access_log(app, settings.access_log)  # outermost: it sees every answer
     app.include_router(read_router(node, "leader"))
-    app.include_router(watch_router(node))
+    app.include_router(watch_router(node, settings.watch_max_pending))
     app.include_router(metrics_router(LeaderCollector(node), *collectors))
     app.include_router(router)
     app.include_router(ui.router)

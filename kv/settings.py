@@ -65,6 +65,8 @@ class NodeSettings(BaseSettings):
     appendfsync: FsyncPolicy = FsyncPolicy.EVERYSEC
     # Entries GET /watch can replay to a client that reconnects; older ones are compacted.
     change_feed_entries: int = Field(10_000, ge=1, le=10_000_000)
+    # Entries one /watch client may fall behind before it is cut off (kv/web/watch.py).
+    watch_max_pending: int = Field(10_000, ge=1, le=1_000_000)
     # How long, and how many, Idempotency-Keys every node remembers (kv/core/requests.py).
     idempotency_window_s: float = Field(600, gt=0, le=7 * 86_400)
     idempotency_max_keys: int = Field(100_000, ge=1, le=10_000_000)

@@ -22,6 +22,7 @@ from kv.ha.node import HANode
 from kv.ha.web import HAApp
 from kv.network.tls import uvicorn_options
 from kv.settings import HASettings, load_settings
+from kv.web.limits import raise_open_file_limit
 from kv.web.logs import configure_logging
 
 
@@ -54,6 +55,7 @@ def main() -> int:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    raise_open_file_limit()
     # uvicorn's own lines at WARNING and up, as tools/cluster.py launches the fixed roles;
     # the node's lines (LOG_LEVEL) say more about what it does.
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)

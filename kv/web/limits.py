@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import resource
+
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,3 +56,18 @@ class RejectLargeBodies:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, as Go programs do at
+    start-up: every client connection is a file, and a soft limit of 1,024 (many systems'
+    default) would let a thousand idle connections lock everyone else out. Returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as error:  # a container may refuse; then keep the soft one
+        logging.getLogger("kvstore").warning("could not raise the open-file limit: %s", error)
+        return soft
+    return hard

@@ -8,7 +8,7 @@ a client that reconnects with `Last-Event-ID` (browsers do it by themselves) or
 * `put` / `delete`: `data` is the entry, `{"key", "value", "version", "deleted"}`;
 * `compacted`: the feed no longer reaches back to `since_version`; what follows is each
   key's newest entry above it (intermediate versions are gone), then the live feed;
-* `overflow`: this client fell `MAX_PENDING` entries behind and is cut off; reconnect
+* `overflow`: this client fell `WATCH_MAX_PENDING` entries behind and is cut off; reconnect
   with the last id received;
 * a comment line every 15 s keeps idle connections open through proxies.
 """
@@ -55,7 +55,7 @@ def sse_event(kind: str, data: dict[str, Any]) -> bytes:
 
 
 class Subscription:
-    """One client's queue of released entries, bounded: past MAX_PENDING it is cut off."""
+    """One client's queue of released entries, bounded: past `limit` it is cut off."""
 
     def __init__(self, wanted: Filter, limit: int = MAX_PENDING) -> None:
         self.wanted = wanted
@@ -125,7 +125,9 @@ def catch_up_from(
     return [head], [e for e in compacted_catch_up(node.store, since, through) if wanted(e)]
 
 
-def watch_router(node: ReadableNode) -> APIRouter:
+def watch_router(node: ReadableNode, max_pending: int = MAX_PENDING) -> APIRouter:
+    """`GET /watch`; a client more than `max_pending` entries behind (WATCH_MAX_PENDING) is
+    cut off, which bounds what one that never reads can make the node hold."""
     router = APIRouter(tags=["reads"])
 
     @router.get(
@@ -152,7 +154,7 @@ def watch_router(node: ReadableNode) -> APIRouter:
             # Subscribing and reading the ring happen with no await between them, so no
             # entry can fall between the catch-up and the live feed. Both happen here, in
             # the generator, so that its `finally` always unsubscribes.
-            subscription = Subscription(wanted)
+            subscription = Subscription(wanted, max_pending)
             feed.subscribe(subscription)
             try:
                 head, catch_up = catch_up_from(node, since, wanted)
@@ -169,7 +171,7 @@ def watch_router(node: ReadableNode) -> APIRouter:
                             "overflow",
                             {
                                 "last_version": last,
-                                "error": f"this client fell {MAX_PENDING} entries behind and "
+                                "error": f"this client fell {max_pending} entries behind and "
                                 "is cut off; reconnect with since_version=last_version",
                             },
                         )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.system.tokens import token, write_auth_file
 from tools.cluster import LocalCluster
 
 HERE = Path(__file__).resolve().parent
@@ -26,11 +27,13 @@ CHECKS = ",".join(
 )
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["plain", "auth"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Each run twice: without AUTH_FILE, and with it (the fuzzer holds an admin token)."""
     logs = tmp_path_factory.mktemp("fuzz")
+    auth = write_auth_file(logs / "auth.toml") if request.param == "auth" else None
     with LocalCluster(
-        followers=2, max_delay_ms=0, base_port=0, secret=SECRET, log_dir=logs
+        followers=2, max_delay_ms=0, base_port=0, secret=SECRET, log_dir=logs, auth_file=auth
     ) as running:
         yield running
 
@@ -38,10 +41,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("role", ["leader", "follower"])
 def test_no_server_errors_and_no_schema_violations(cluster: LocalCluster, role: str):
     url = cluster.leader_url if role == "leader" else cluster.follower_urls[0]
+    auth = (
+        [] if cluster.auth_file is None else ["--header", f"Authorization: Bearer {token('admin')}"]
+    )
     command = [
         str(Path(sys.executable).parent / "schemathesis"),
         "run", f"{url}/openapi.json",
         "--header", f"X-Replication-Secret: {SECRET}",
+        *auth,
         "--checks", CHECKS,
         # The coverage phase bypasses hooks; fuzzing and stateful still reach every field.
         "--phases", "examples,fuzzing,stateful",
