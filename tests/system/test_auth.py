@@ -27,7 +27,7 @@ APP1_WRITERS = (401, 401, 403, 200, 200, 403, 200)
 NOBODY = (401, 401, 403, 403, 403, 403, 403)
 
 # (node, method, path, JSON body, expected status per WHO). "leader" or "follower".
-MATRIX = [
+MATRIX: list[tuple[str, str, str, object, tuple[int, ...]]] = [
     ("leader", "GET", "/health", None, OPEN),
     ("leader", "GET", "/ready", None, OPEN),
     ("leader", "GET", "/primary", None, OPEN),

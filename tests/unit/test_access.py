@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from kv.core.access import Grant, Policy, Role, token_digest
 from kv.settings import FollowerSettings, describe_errors
@@ -107,23 +108,23 @@ def test_a_bad_auth_file_stops_the_node_naming_the_variable(
     auth = tmp_path / "auth.toml"
     auth.write_text("[[tokens]]\nname = 'x'\nsha256 = 'nope'\nrole = 'read'\n")
     monkeypatch.setenv("AUTH_FILE", str(auth))
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(ValidationError) as raised:
         FollowerSettings()
-    lines = describe_errors(raised.value)  # type: ignore[arg-type]
+    lines = describe_errors(raised.value)
     assert any("AUTH_FILE" in line and "64 hex digits" in line for line in lines), lines
     monkeypatch.setenv("AUTH_FILE", str(tmp_path / "missing.toml"))
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(ValidationError) as raised:
         FollowerSettings()
     assert any(
         "AUTH_FILE" in line and "is not a file" in line for line in describe_errors(raised.value)
-    )  # type: ignore[arg-type]
+    )
 
 
 def test_tls_files_go_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     cert = tmp_path / "node.pem"
     cert.write_text("x")
     monkeypatch.setenv("TLS_CERT_FILE", str(cert))
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(ValidationError) as raised:
         FollowerSettings()
     assert any("TLS_KEY_FILE" in line for line in describe_errors(raised.value))  # type: ignore[arg-type]
 
