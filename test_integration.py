@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import ssl
 import tempfile
 import time
 import uuid
@@ -58,17 +59,33 @@ class Cluster:
         return self.control
 
 
+def tls_context() -> ssl.SSLContext | bool:
+    """For a TLS stack (docker-compose.tls.yml): KV_CACERT verifies the nodes, and
+    KV_CLIENT_CERT and KV_CLIENT_KEY are presented to them (replication's mutual TLS)."""
+    ca = os.environ.get("KV_CACERT")
+    if not ca:
+        return True
+    context = ssl.create_default_context(cafile=ca)
+    if os.environ.get("KV_CLIENT_CERT"):
+        context.load_cert_chain(os.environ["KV_CLIENT_CERT"], os.environ.get("KV_CLIENT_KEY"))
+    return context
+
+
+TLS = tls_context()
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     secret = os.environ.get("KV_REPLICATION_SECRET", "integration-" + uuid.uuid4().hex)
     leader_url = os.environ.get("KV_LEADER_URL")
     if leader_url:
         followers = [u for u in os.environ.get("KV_FOLLOWER_URLS", "").split(",") if u]
-        wait_healthy([leader_url], 60, path="/ready")  # a starting leader reads its followers
-        info = httpx.get(f"{leader_url}/", timeout=10, trust_env=False).json()
+        ca = Path(os.environ["KV_CACERT"]) if os.environ.get("KV_CACERT") else None
+        wait_healthy([leader_url], 60, path="/ready", ca=ca)  # a leader reads its followers
+        info = httpx.get(f"{leader_url}/", timeout=10, trust_env=False, verify=TLS).json()
         secret = os.environ.get("KV_REPLICATION_SECRET", "dev-replication-secret")
         project = os.environ.get("KV_COMPOSE_PROJECT")
-        control = ComposeCluster(project, leader_url, followers) if project else None
+        control = ComposeCluster(project, leader_url, followers, ca=ca) if project else None
         yield Cluster(leader_url, followers, control, secret, info["config"]["max_delay_ms"])
         return
     with (
@@ -89,7 +106,7 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=30, trust_env=False) as c:
+    async with httpx.AsyncClient(timeout=30, trust_env=False, verify=TLS) as c:
         yield c
 
 
@@ -741,7 +758,7 @@ class Load:
                 else:
                     self.failures.append(f"{key}: {response.status}")
 
-        async with ConnectionPool(self.leader, connections) as pool:
+        async with ConnectionPool(self.leader, connections, TLS) as pool:
             await asyncio.gather(*(writer(pool) for _ in range(connections)))
 
 

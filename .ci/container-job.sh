@@ -5,7 +5,8 @@
 #   3. make a Python base image with debootstrap, and download the wheels on the host;
 #   4. build the image with --network none;
 #   5. bring the compose stack up on free loopback ports;
-#   6. run test_integration.py against it, faults included (stop/start/pause/unpause);
+#   6. run test_integration.py against it, faults included (stop/start/pause/unpause), then
+#      again with TLS on (docker-compose.tls.yml over it; certificates from tools/certs.py);
 #   7. bring up the `ha` profile (etcd, six HA nodes, haproxy) from the same base, which
 #      debootstrap gave etcd-server and haproxy, and run the failover tests against it
 #      (SIGKILL, SIGTERM, pause and etcd's stop go through compose), and a write through haproxy;
@@ -109,8 +110,34 @@ KV_LEADER_URL="http://127.0.0.1:$LEADER_PORT" KV_FOLLOWER_URLS="$followers" \
   KV_REPLICATION_SECRET="$REPLICATION_SECRET" \
   timeout 900 "$PYTHON" -m pytest test_integration.py -p no:cacheprovider
 
+log "the fixed stack again, with TLS on (docker-compose.tls.yml), and the suite against it"
+docker-compose -p "$PROJECT" down --volumes --timeout 5 >/dev/null
+"$PYTHON" tools/certs.py --out "$WORK/certs" --readable-keys \
+  leader follower1 follower2 follower3 follower4 follower5 client >/dev/null
+export CERTS_DIR="$WORK/certs"
+TLS_FILES="docker-compose.yml,docker-compose.tls.yml"
+docker-compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.tls.yml up -d --no-build
+followers_tls=${followers//http:/https:}
+KV_LEADER_URL="https://127.0.0.1:$LEADER_PORT" KV_FOLLOWER_URLS="$followers_tls" \
+  KV_CACERT="$CERTS_DIR/ca.pem" KV_CLIENT_CERT="$CERTS_DIR/client.pem" \
+  KV_CLIENT_KEY="$CERTS_DIR/client-key.pem" KV_COMPOSE_FILES="$TLS_FILES" \
+  KV_COMPOSE_PROJECT="$PROJECT" KV_COMPOSE_COMMAND=docker-compose \
+  KV_REPLICATION_SECRET="$REPLICATION_SECRET" \
+  timeout 900 "$PYTHON" -m pytest test_integration.py -p no:cacheprovider
+"$PYTHON" - "$LEADER_PORT" "$CERTS_DIR" <<'PY'
+import sys, httpx
+port, certs = sys.argv[1], sys.argv[2]
+try:
+    httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+except httpx.TransportError:
+    print("plain HTTP to the TLS leader is refused, as it should be")
+else:
+    sys.exit("the TLS leader answered plain HTTP")
+PY
+
 log "the ha profile: etcd, six HA nodes and haproxy, from the same base"
-docker-compose -p "$PROJECT" stop --timeout 5 >/dev/null  # the fixed stack: its CPU back
+docker-compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.tls.yml stop --timeout 5 \
+  >/dev/null  # the fixed stack: its CPU back
 read -r HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_PORT \
   < <("$PYTHON" -c 'from tools.cluster import free_port; print(*(free_port() for _ in range(8)))')
 export HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_PORT

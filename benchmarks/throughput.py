@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --rounds 1 --duration 5
     python benchmarks/throughput.py --profile       # also py-spy's top entries in the leader
     python benchmarks/throughput.py --baseline HEAD~3   # and that commit's code, side by side
+    python benchmarks/throughput.py --security      # and W=3 with TLS, with tokens, with both
 
 It starts a local cluster (5 followers, zero simulated delay, LOG_LEVEL=WARNING,
 uvloop and httptools) and a bare FastAPI POST endpoint under the same uvicorn
@@ -18,13 +19,17 @@ is reported, to show the load generator is not the bottleneck. With --baseline
 REF, the code at that git ref (checked out in a temporary worktree) runs as a
 second cluster in the same rounds, so a change is measured against what it
 changed under the same noise. Sequential latency (one write at a time on one
-connection) comes from the lean client in loadgen.py.
+connection) comes from the lean client in loadgen.py. With --security, three more
+clusters run at W=3 in the same rounds: HTTPS with mutual TLS between the nodes
+(certificates from tools/certs.py; wrk speaks TLS to the leader), bearer tokens
+(AUTH_FILE, a token on every request), and both; each is reported against the plain one.
 Numbers are printed, never asserted.
 """
 
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import statistics
@@ -42,6 +47,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from sequential import measure  # noqa: E402  (beside this script)
 
+from kv.core.access import token_digest  # noqa: E402
+from tools.certs import make_certs  # noqa: E402
 from tools.cluster import (  # noqa: E402
     HOST,
     QUIET_UVICORN,
@@ -63,13 +70,14 @@ class LoadResult:
     wrk_cpu: float  # fraction of one core
 
 
-def run_wrk(url: str, duration: float, connections: int) -> LoadResult:
+def run_wrk(url: str, duration: float, connections: int, token: str = "") -> LoadResult:
     """One wrk run; its CPU time comes from the kernel's accounting of the child."""
     process = subprocess.Popen(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "-s", str(HERE / "write.lua"), url],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "KV_BENCH_TOKEN": token},
     )
     started = time.monotonic()
     _, _, usage = os.wait4(process.pid, 0)
@@ -151,6 +159,9 @@ def main() -> int:
     parser.add_argument(
         "--no-plain", action="store_true", help="skip the cluster launched as the README says"
     )
+    parser.add_argument(
+        "--security", action="store_true", help="also W=3 with TLS, with tokens, and with both"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk (Debian's package)", file=sys.stderr)
@@ -161,11 +172,12 @@ def main() -> int:
         clusters = {"": cluster_at(HERE.parent, Path(logs) / "new", quiet)}
         if base is not None:
             clusters["base "] = cluster_at(base, Path(logs) / "base", quiet)
+        secure = secure_clusters(Path(logs), quiet) if args.security else {}
         plain = None if args.no_plain else cluster_at(HERE.parent, Path(logs) / "plain", {}, ())
         bare = Node("bare_fastapi", free_port(), quiet, Path(logs) / "bare.log", cwd=HERE)
         bare.start()
         try:
-            for cluster in [*clusters.values(), *([plain] if plain else [])]:
+            for cluster in [*clusters.values(), *secure.values(), *([plain] if plain else [])]:
                 cluster.start()
             wait_healthy([f"http://{HOST}:{bare.port}"], 30)
             targets = {"ceiling": f"http://{HOST}:{bare.port}/keys"}
@@ -175,6 +187,11 @@ def main() -> int:
                 }
             if plain is not None:
                 targets["plain W=3"] = f"{plain.leader_url}/keys?w=3"
+            tokens: dict[str, str] = {}
+            for label, cluster in secure.items():
+                targets[f"{label} W=3"] = f"{cluster.leader_url}/keys?w=3"
+                if cluster.auth_file is not None:
+                    tokens[f"{label} W=3"] = BENCH_TOKEN
             print(
                 f"5 followers, zero delay; wrk -t1 -c{args.connections}, {args.duration:g} s per "
                 f"run, {args.rounds} round(s)"
@@ -191,8 +208,9 @@ def main() -> int:
                 if round_ % 2 == 0:
                     order = order[:1] + order[1:][::-1]
                 for name, url in order:
-                    run_wrk(url, 2, args.connections)  # warm-up, discarded
-                    result = run_wrk(url, args.duration, args.connections)
+                    token = tokens.get(name, "")
+                    run_wrk(url, 2, args.connections, token)  # warm-up, discarded
+                    result = run_wrk(url, args.duration, args.connections, token)
                     results[name].append(result)
                     print(
                         f"{round_:>5} {name:>10} {result.writes_per_s:>9.0f} "
@@ -209,6 +227,8 @@ def main() -> int:
                 seq["plain W=3"] = asyncio.run(
                     sequential(plain.leader_url, 3, args.sequential_writes)
                 )
+            for label in secure:  # the lean client speaks neither TLS nor tokens
+                seq[f"{label} W=3"] = (float("nan"), float("nan"))
             report(results, seq, [name for name in targets if name != "ceiling"])
             if plain is not None and "W=3" in results:
                 tuned = statistics.median(r.writes_per_s for r in results["W=3"])
@@ -221,10 +241,16 @@ def main() -> int:
                     new = statistics.median(r.writes_per_s for r in results[f"W={w}"])
                     old = statistics.median(r.writes_per_s for r in results[f"base W={w}"])
                     print(f"  W={w}: {new:,.0f} against {old:,.0f}: {new / old:.2f}")
+            if secure and "W=3" in results:
+                plain_w3 = statistics.median(r.writes_per_s for r in results["W=3"])
+                print("\nW=3 with security on, against W=3 without it (median writes/s, ratio):")
+                for label in secure:
+                    on = statistics.median(r.writes_per_s for r in results[f"{label} W=3"])
+                    print(f"  {label}: {on:,.0f} against {plain_w3:,.0f}: {on / plain_w3:.2f}")
             if args.profile:
                 profile_leader(clusters[""], args.duration, args.connections, top=5)
         finally:
-            for cluster in [*clusters.values(), *([plain] if plain else [])]:
+            for cluster in [*clusters.values(), *secure.values(), *([plain] if plain else [])]:
                 cluster.stop()
             bare.stop()
     return 0
@@ -243,6 +269,27 @@ def cluster_at(
         root=root,
         uvicorn_args=uvicorn_args,
     )
+
+
+BENCH_TOKEN = "bench-token-" + "4f" * 16
+
+
+def secure_clusters(folder: Path, env: dict[str, str]) -> dict[str, LocalCluster]:
+    """W=3 clusters with TLS ("tls"), with tokens ("auth"), and with both ("tls+auth")."""
+    certs = folder / "certs"
+    make_certs(certs, ["leader", *(f"follower{i}" for i in range(1, 6))])
+    auth = folder / "auth.toml"
+    auth.write_text(
+        f'[[tokens]]\nname = "bench"\nsha256 = "{token_digest(BENCH_TOKEN)}"\nrole = "readwrite"\n'
+    )
+    clusters = {}
+    kinds = (("tls", True, False), ("auth", False, True), ("tls+auth", True, True))
+    for label, tls, tokens in kinds:
+        cluster = cluster_at(HERE.parent, folder / label, env)
+        cluster.certs = certs if tls else None
+        cluster.auth_file = auth if tokens else None
+        clusters[label] = cluster
+    return clusters
 
 
 @contextmanager
@@ -268,6 +315,10 @@ def baseline(ref: str | None) -> Iterator[Path | None]:
             )
 
 
+def ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 def report(
     results: dict[str, list[LoadResult]], seq: dict[str, tuple[float, float]], names: list[str]
 ) -> None:
@@ -285,7 +336,7 @@ def report(
         print(
             f"{name:>10} {med(name, 'writes_per_s'):>9.0f} {med(name, 'p50_ms'):>7.2f} "
             f"{med(name, 'p99_ms'):>7.2f} {sum(r.errors for r in results[name]):>6} "
-            f"{seq[name][0]:>8.2f} {seq[name][1]:>8.2f} "
+            f"{ms(seq[name][0]):>8} {ms(seq[name][1]):>8} "
             f"{med(name, 'writes_per_s') / ceiling:>10.0%}"
         )
     if "W=1" in results and "W=5" in results:

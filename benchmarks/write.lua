@@ -2,6 +2,11 @@
 -- At the end it prints one JSON line that benchmarks/throughput.py reads.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+-- A bearer token, for a cluster with AUTH_FILE (benchmarks/throughput.py --security).
+local token = os.getenv("KV_BENCH_TOKEN")
+if token and token ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. token
+end
 
 local keys = tonumber(os.getenv("KV_BENCH_KEYS") or "100")
 local counter = 0

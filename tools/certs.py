@@ -44,7 +44,7 @@ def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def write_private(path: Path, key: ec.EllipticCurvePrivateKey, mode: int = 0o600) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -54,6 +54,7 @@ def write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
+    os.chmod(path, mode)  # after the write: never readable by others while it is written
 
 
 def write_cert(path: Path, cert: x509.Certificate) -> None:
@@ -142,15 +143,18 @@ def issue(
     return cert, key
 
 
-def make_certs(out: Path, names: Sequence[str], hosts: Sequence[str] = ()) -> list[Path]:
-    """The CA (made once) and a fresh certificate for each of `names`; the files written."""
+def make_certs(
+    out: Path, names: Sequence[str], hosts: Sequence[str] = (), readable_keys: bool = False
+) -> list[Path]:
+    """The CA (made once) and a fresh certificate for each of `names`; the files written.
+    `readable_keys`: the nodes' keys 0644 instead of 0600 (for containers; see --help)."""
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca, ca_key = make_ca(out, now)
     written = [out / "ca.pem"]
     for name in names:
         cert, key = issue(name, hosts, ca, ca_key, now)
-        write_private(out / f"{name}-key.pem", key)
+        write_private(out / f"{name}-key.pem", key, 0o644 if readable_keys else 0o600)
         write_cert(out / f"{name}.pem", cert)
         written.append(out / f"{name}.pem")
     return written
@@ -168,11 +172,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--host", action="append", default=[], help="one more DNS name or IP in every certificate"
     )
+    parser.add_argument(
+        "--readable-keys",
+        action="store_true",
+        help="write the nodes' keys readable by every user (0644), for containers that run as "
+        "another uid (docker-compose.tls.yml); the CA's key stays 0600",
+    )
     args = parser.parse_args(argv)
     for name in args.names:
         if not name or "/" in name or name.startswith("."):
             parser.error(f"{name!r} cannot name a certificate file")
-    written = make_certs(args.out, args.names, args.host)
+    written = make_certs(args.out, args.names, args.host, args.readable_keys)
     print(f"{len(written) - 1} certificates signed by {args.out / 'ca.pem'}, in {args.out}/")
     print(f"  try: curl --cacert {args.out / 'ca.pem'} https://127.0.0.1:8000/health")
 

@@ -457,6 +457,8 @@ class ComposeCluster:
     """Fault injection for a docker compose stack: stop, start, pause and unpause containers.
 
     `command` is how compose is invoked: `docker compose` (v2) or `docker-compose` (v1).
+    `compose_files` are the stack's files (default KV_COMPOSE_FILES, comma-separated, else
+    docker-compose.yml); `ca` verifies https:// nodes (docker-compose.tls.yml).
     """
 
     def __init__(
@@ -465,18 +467,21 @@ class ComposeCluster:
         leader_url: str,
         follower_urls: list[str],
         *,
-        compose_file: Path = ROOT / "docker-compose.yml",
+        compose_files: Sequence[Path] | None = None,
         command: list[str] | None = None,
+        ca: Path | None = None,
     ) -> None:
         self.project = project
         self.leader_url = leader_url
         self.follower_urls = follower_urls
-        self.compose_file = compose_file
+        self.compose_files = list(compose_files or compose_files_from_env())
         self.command = command or default_compose_command()
+        self.ca = ca
         self._paused: set[int] = set()
 
     def _compose(self, *args: str) -> None:
-        argv = [*self.command, "-p", self.project, "-f", str(self.compose_file), *args]
+        files = [arg for path in self.compose_files for arg in ("-f", str(path))]
+        argv = [*self.command, "-p", self.project, *files, *args]
         subprocess.run(argv, check=True, capture_output=True, timeout=120)
 
     def _service(self, index: int) -> str:
@@ -488,7 +493,7 @@ class ComposeCluster:
 
     def restart_leader(self, timeout: float = 60.0) -> None:
         self._compose("start", "leader")
-        wait_healthy([self.leader_url], timeout, path="/ready")
+        wait_healthy([self.leader_url], timeout, path="/ready", ca=self.ca)
 
     def kill_follower(self, index: int) -> None:
         """Stop the container at once (`stop -t 0`), so its restart policy leaves it down."""
@@ -508,7 +513,7 @@ class ComposeCluster:
             self._compose("up", "-d", "--no-deps", service)
         else:
             self._compose("start", service)
-        wait_healthy([self.follower_urls[index]], timeout)
+        wait_healthy([self.follower_urls[index]], timeout, ca=self.ca)
 
     def pause_follower(self, index: int) -> None:
         self._compose("pause", self._service(index))
@@ -524,8 +529,14 @@ class ComposeCluster:
             self.resume_follower(index)
         services = [self._service(i) for i in range(len(self.follower_urls))]
         self._compose("start", "leader", *services)
-        wait_healthy([self.leader_url, *self.follower_urls], 60.0)
-        wait_healthy([self.leader_url], 60.0, path="/ready")
+        wait_healthy([self.leader_url, *self.follower_urls], 60.0, ca=self.ca)
+        wait_healthy([self.leader_url], 60.0, path="/ready", ca=self.ca)
+
+
+def compose_files_from_env() -> list[Path]:
+    """KV_COMPOSE_FILES (comma-separated, relative to the repository), else the main file."""
+    named = [p.strip() for p in os.environ.get("KV_COMPOSE_FILES", "").split(",") if p.strip()]
+    return [ROOT / name for name in named] or [ROOT / "docker-compose.yml"]
 
 
 def default_compose_command() -> list[str]:

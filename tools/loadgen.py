@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ class Response:
 class Connection:
     """One keep-alive connection; requests on it are sequential."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self.host, self.port, self.tls = host, port, tls
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -47,7 +48,9 @@ class Connection:
         ).encode()
         for attempt in (1, 2):
             if self._writer is None:
-                self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+                self._reader, self._writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self.tls
+                )
             try:
                 self._writer.write(head + body)
                 return await self._read_response()
@@ -75,14 +78,19 @@ class Connection:
 
 
 class ConnectionPool:
-    """At most `size` connections to one base URL, each used by one request at a time."""
+    """At most `size` connections to one base URL, each used by one request at a time.
+    An https:// URL is verified with `tls` (default: the system's CAs)."""
 
-    def __init__(self, base_url: str, size: int) -> None:
+    def __init__(self, base_url: str, size: int, tls: ssl.SSLContext | bool = True) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or parts.hostname is None:
-            raise ValueError(f"{base_url!r}: only http://host:port URLs are supported")
+        if parts.scheme not in ("http", "https") or parts.hostname is None:
+            raise ValueError(f"{base_url!r}: only http(s)://host:port URLs are supported")
+        context = None
+        if parts.scheme == "https":
+            context = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
+        port = parts.port or (443 if context else 80)
         self._idle: asyncio.Queue[Connection] = asyncio.Queue()
-        self._all = [Connection(parts.hostname, parts.port or 80) for _ in range(size)]
+        self._all = [Connection(parts.hostname, port, context) for _ in range(size)]
         for connection in self._all:
             self._idle.put_nowait(connection)
 
