@@ -38,7 +38,7 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -109,6 +109,19 @@ class Session:
             self.last_version = version
 
 
+def bearer(token: str) -> Callable[[httpx.Request], Awaitable[None]]:
+    """A request hook that puts the token on every request, each hop of a redirect included:
+    httpx drops an Authorization header when a redirect changes the origin, and an HA
+    follower's 307 to its leader always does (another port or host). Only the cluster's
+    nodes redirect these requests, and only to their leader."""
+    value = f"Bearer {token}"
+
+    async def add_token(request: httpx.Request) -> None:
+        request.headers["Authorization"] = value
+
+    return add_token
+
+
 def endpoints_from_env() -> list[str]:
     return [
         e.strip().rstrip("/")
@@ -158,7 +171,7 @@ class AsyncKVClient:
             follow_redirects=True,
             trust_env=False,
             transport=transport,
-            headers={"Authorization": f"Bearer {token}"} if token else None,
+            event_hooks={"request": [bearer(token)]} if token else None,
             verify=ssl.create_default_context(cafile=ca_file) if ca_file else True,
         )
         self._next = 0

@@ -4,6 +4,8 @@ reads, lists and the feed (AUTH_FILE; kv/core/access.py, kv/web/access.py)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kv.client import KVClient
 from tests.system.tokens import bearer, token, write_auth_file
-from tools.cluster import LocalCluster, Node, free_port, wait_healthy
+from tools.cluster import HACluster, LocalCluster, Node, free_port, wait_healthy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,3 +229,46 @@ def test_without_an_auth_file_the_node_needs_no_token(tmp_path: Path):
         )
         assert client.get(f"{plain.leader_url}/state").status_code == 200
         wait_healthy([plain.follower_urls[0]], 5)
+
+
+def test_ha_nodes_elect_a_leader_and_take_tokens(tmp_path: Path):
+    """HA nodes with AUTH_FILE: peers still read each other's /ha (with the secret), one
+    leads, a write needs a token, and a follower's 307 leads a token holder to the leader."""
+    if shutil.which("etcd") is None:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError("CI must install etcd-server (see .ci/run)")
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    auth = write_auth_file(tmp_path / "auth.toml")
+    with HACluster(
+        nodes=3, max_delay_ms=0, base_port=0, log_dir=tmp_path, extra_env={"AUTH_FILE": str(auth)}
+    ) as cluster:
+        wait_healthy(cluster.urls, 30)  # /health stays open (AUTH_OPEN's default)
+        leader = cluster.wait_for_primary(30)
+        follower = next(name for name in cluster.node_urls() if name != leader)
+        with httpx.Client(timeout=10, trust_env=False, follow_redirects=True) as client:
+            assert client.get(f"{cluster.url_of(leader)}/ha").status_code == 401
+            assert client.get(f"{cluster.url_of(leader)}/ha", headers=bearer("admin")).json()[
+                "is_leader"
+            ]
+            body = {"key": "app1/ha", "value": 1}
+            assert client.post(f"{cluster.url_of(follower)}/keys", json=body).status_code == 401
+            # httpx (like curl -L) drops the Authorization header when a redirect changes
+            # the origin, so the token goes again to where the 307 points.
+            redirect = client.post(
+                f"{cluster.url_of(follower)}/keys",
+                json=body,
+                headers=bearer("app1-write"),
+                follow_redirects=False,
+            )
+            assert redirect.status_code == 307, redirect.text
+            assert redirect.headers["location"].startswith(cluster.url_of(leader))
+            written = client.post(
+                redirect.headers["location"], json=body, headers=bearer("app1-write")
+            )
+            assert written.status_code == 200, written.text
+            # The Python client does that itself.
+            with KVClient([cluster.url_of(follower)], token=token("app1-write")) as kv:
+                assert kv.put("app1/ha-client", 2).acks == 2
+            read = client.get(f"{cluster.url_of(follower)}/keys/app1/ha", headers=bearer("read"))
+            # Acknowledged at W=2 of the leader's 2 followers: this one holds it.
+            assert read.status_code == 200 and read.json()["value"] == 1, read.text
