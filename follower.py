@@ -97,11 +97,11 @@ def create_app(
         FastJSONPost, path="/replicate", model=ReplicateRequest, handle=fast_replicate
     )
     app.add_middleware(RejectLargeBodies, limit=BATCH_BYTES + settings.max_body_bytes)
+    # Mutual TLS too, when uvicorn asks for client certificates (kv/web/auth.py).
     app.add_middleware(
         RequireSecret,
         secret=settings.replication_secret,
         paths=frozenset({"/replicate", "/replicate/entries"}),
-        require_cert=settings.tls,  # mutual TLS: the cluster CA's client certificate
     )
     install_access_control(app, settings)  # tokens, before a body is read (AUTH_FILE)
     install_access_log(app, settings.access_log)  # outermost: it sees every answer

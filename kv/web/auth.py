@@ -6,9 +6,11 @@ Checking it in front of FastAPI means a delivery without the right
 stranger cannot make a follower parse megabytes), and that an authentic delivery
 pays no dependency-injection machinery on the hot path.
 
-Over TLS (TLS_CERT_FILE set) a delivery must also come on a connection that presented a
-certificate signed by the cluster's CA (mutual TLS; kv/network/tls.py). A certificate
-from another CA never gets this far: the handshake refuses it.
+Over TLS, when the server asks clients for a certificate (uvicorn's `--ssl-ca-certs` with
+`--ssl-cert-reqs 1` or 2, as `tools/cluster.py --tls` and docker-compose.tls.yml launch
+it), a delivery must also come on a connection that presented one signed by the cluster's
+CA: mutual TLS (kv/network/tls.py). A certificate from another CA never gets this far: the
+handshake refuses it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kv.network.tls import client_cert_name
+from kv.network.tls import connection_tls
 from kv.web.asgi import header
 
 SECRET_HEADER = "X-Replication-Secret"
@@ -27,24 +29,30 @@ SECRET_HEADER = "X-Replication-Secret"
 class RequireSecret:
     """Answer 401 to requests for `paths` that lack the secret; pass everything else on."""
 
-    def __init__(
-        self, app: ASGIApp, secret: str, paths: frozenset[str], require_cert: bool = False
-    ) -> None:
+    def __init__(self, app: ASGIApp, secret: str, paths: frozenset[str]) -> None:
         self.app = app
         self.secret = secret.encode()
         self.paths = paths
-        self.require_cert = require_cert
         self.header = SECRET_HEADER.lower().encode()
         self.wrong_secret = refusal(f"missing or wrong {SECRET_HEADER} header")
         self.no_cert = refusal(
             "replication over TLS needs a client certificate signed by the cluster's CA"
         )
+        self.unseen = refusal(
+            "this server does not show the app the connection's TLS state, so replication "
+            "over it is refused; run the node under uvicorn (kv/network/tls.py)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in self.paths:
-            if self.require_cert and client_cert_name(scope) is None:
-                await self.refuse(send, self.no_cert)
-                return
+            if scope.get("scheme") == "https":
+                tls = connection_tls(receive)
+                if tls is None:
+                    await self.refuse(send, self.unseen)
+                    return
+                if tls.client_cert_requested and tls.client_cert_name is None:
+                    await self.refuse(send, self.no_cert)
+                    return
             if not self._authentic(scope):
                 await self.refuse(send, self.wrong_secret)
                 return

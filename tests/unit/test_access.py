@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from kv.core.access import Grant, Policy, Role, token_digest
+from kv.network.tls import connection_tls
 from kv.settings import FollowerSettings, describe_errors
 from kv.web.access import Need, need, presented_token, warn_if_open
 
@@ -175,3 +176,10 @@ def test_a_node_without_auth_beyond_loopback_says_so_loudly(
         warn_if_open(FollowerSettings(node_name="f1"), host)
     said = [r.getMessage() for r in caplog.records if "NO AUTHENTICATION" in r.getMessage()]
     assert len(said) == (1 if loud else 0)
+
+
+def test_a_connection_whose_tls_state_cannot_be_seen_is_reported_as_unknown():
+    async def receive() -> dict[str, object]:  # not uvicorn's: no connection behind it
+        return {"type": "http.request"}
+
+    assert connection_tls(receive) is None
