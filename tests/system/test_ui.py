@@ -168,3 +168,34 @@ async def test_on_ha_nodes_the_page_shows_the_leader_its_lease_and_each_election
         else:
             await expect(summary).to_contain_text(f"{new} leads in term 2")
         await page.screenshot(path=str(shots / "ui-ha-election.png"), full_page=True)
+
+
+async def test_with_tokens_the_page_logs_in_and_then_works_on_its_cookie(browser, tmp_path: Path):
+    """AUTH_FILE set: /ui shows a login form; an admin token opens the page, whose streams
+    and forms then ride on the HttpOnly cookie (a browser cannot put a header on an
+    EventSource). The token appears nowhere in the page."""
+    from tests.system.tokens import token, write_auth_file
+
+    auth = write_auth_file(tmp_path / "auth.toml")
+    with LocalCluster(
+        followers=2, quorum=2, max_delay_ms=50, base_port=0, auth_file=auth, log_dir=tmp_path
+    ) as cluster:
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        expect = playwright_api.expect
+        answer = await page.goto(f"{cluster.leader_url}/ui")
+        assert answer is not None and answer.status == 401
+        await page.get_by_label("Token").fill(token("read"))
+        await page.get_by_role("button", name="Log in").click()
+        await expect(page.locator("[role=alert]")).to_contain_text("not an admin token")
+        await page.get_by_label("Token").fill(token("admin"))
+        await page.get_by_role("button", name="Log in").click()
+        cards = page.locator(".card")
+        await expect(cards).to_have_count(2, timeout=5000)
+        for index in range(2):
+            await expect(cards.nth(index)).to_have_attribute("data-state", "up", timeout=5000)
+        await page.get_by_role("button", name="Write").click()
+        await expect(page.locator("#write-result")).to_contain_text("200: version 1")
+        await expect(page.locator("#feed li").first).to_contain_text("v1")
+        cookies = await page.context.cookies()
+        assert [c["httpOnly"] for c in cookies if c["name"] == "kv_token"] == [True]
+        assert token("admin") not in await page.content()
