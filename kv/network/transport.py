@@ -81,7 +81,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         # For https:// (kv/network/tls.py); None: the system's CAs, as httpx would.
-        self._ssl: ssl.SSLContext | bool = ssl_context or True
+        self._ssl: ssl.SSLContext | None = ssl_context
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._closed = False
@@ -102,7 +102,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             reused = connection is not None
             try:
                 if connection is None:
-                    connection = await self._connect(request, timeouts.get("connect"))
+                    connection = await self._connect(request, timeouts)
                 try:
                     response = await self._exchange(connection, request, body, timeouts.get("read"))
                 except (httpx.RemoteProtocolError, httpx.ConnectError):
@@ -110,7 +110,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                         raise
                     # The follower closed an idle connection (e.g. it restarted): one fresh try.
                     connection.close()
-                    connection = await self._connect(request, timeouts.get("connect"))
+                    connection = await self._connect(request, timeouts)
                     response = await self._exchange(connection, request, body, timeouts.get("read"))
             except BaseException:
                 if connection is not None:
@@ -124,17 +124,33 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         finally:
             self._slots.release()
 
-    async def _connect(self, request: httpx.Request, timeout: float | None) -> _Connection:
+    async def _connect(
+        self, request: httpx.Request, timeouts: dict[str, float | None]
+    ) -> _Connection:
+        """TCP within the connect timeout; then, for https, the TLS handshake within the read
+        timeout. The kernel completes a TCP connection to a frozen process, but only the
+        process can answer a handshake: that is "no answer", as over plain HTTP."""
         url = request.url
         port = url.port or (443 if url.scheme == "https" else 80)
-        tls = self._ssl if url.scheme == "https" else None
         with _map_errors(request, httpx.ConnectTimeout):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeouts.get("connect")):
                 address = await self._resolve(url.host, port)
-                reader, writer = await asyncio.open_connection(
-                    address, port, ssl=tls, server_hostname=url.host if tls else None
-                )
+                reader, writer = await asyncio.open_connection(address, port)
+        if url.scheme == "https":
+            try:
+                with _map_errors(request, httpx.ReadTimeout):
+                    async with asyncio.timeout(timeouts.get("read")):
+                        await writer.start_tls(self._ssl_context(), server_hostname=url.host)
+            except BaseException:
+                writer.close()
+                raise
         return _Connection(reader, writer)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if isinstance(self._ssl, ssl.SSLContext):
+            return self._ssl
+        self._ssl = ssl.create_default_context()
+        return self._ssl
 
     async def _resolve(self, host: str, port: int) -> str:
         """The host's first address, by at most one lookup at a time (see the docstring)."""

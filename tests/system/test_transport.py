@@ -2,6 +2,7 @@
 
 import asyncio
 import signal
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -153,3 +154,48 @@ async def test_a_name_that_stops_resolving_holds_at_most_one_lookup(monkeypatch)
             await client.post("/replicate", timeout=httpx.Timeout(1, connect=0.05))
         assert started == 2
         release.set()
+
+
+async def test_tls_to_a_real_follower_and_a_silent_handshake_is_no_answer(tmp_path: Path):
+    """https:// through the transport with the cluster's CA and a client certificate, and a
+    peer that accepts TCP but never answers the handshake (a frozen process): a read
+    timeout, "no answer", as over plain HTTP, not "no connection"."""
+    from tools.certs import make_certs
+
+    make_certs(tmp_path, ["follower1", "leader"])
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    context.load_cert_chain(tmp_path / "leader.pem", tmp_path / "leader-key.pem")
+    node = Node(
+        "follower",
+        free_port(),
+        {
+            "TLS_CA_FILE": str(tmp_path / "ca.pem"),
+            "TLS_CERT_FILE": str(tmp_path / "follower1.pem"),
+            "TLS_KEY_FILE": str(tmp_path / "follower1-key.pem"),
+        },
+        tmp_path / "follower.log",
+    )
+    node.start()
+    try:
+        wait_healthy([node.url], 30, [node.process] if node.process else [], ca=node.ca)
+
+        def client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=node.url,
+                transport=KeepAliveTransport(2, context),
+                headers={SECRET_HEADER: DEVELOPMENT_SECRET, "content-type": "application/json"},
+                timeout=httpx.Timeout(0.3),
+            )
+
+        async with client() as working:
+            assert (await working.post("/replicate", content=BATCH)).status_code == 200
+        node.signal(signal.SIGSTOP)
+        try:
+            async with client() as fresh:  # no pooled connection: TCP, then the handshake
+                with pytest.raises(httpx.ReadTimeout) as raised:
+                    await fresh.get("/health")
+            assert describe(raised.value, 0.3) == "no answer within 300 ms"
+        finally:
+            node.signal(signal.SIGCONT)
+    finally:
+        node.stop()
