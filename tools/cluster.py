@@ -1108,9 +1108,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         cluster.start()
-        print(f"leader    {cluster.leader_url}   (API docs: {cluster.leader_url}/docs)")
+        pids = [node.process.pid if node.process else 0 for node in cluster.nodes]
+        print(f"leader    {cluster.leader_url}   pid {pids[0]:<7}  (/docs: the API; /ui: live)")
         for i, url in enumerate(cluster.follower_urls, 1):
-            print(f"follower{i} {url}")
+            print(f"follower{i} {url}   pid {pids[i]}")
         if args.tls is not None:
             print(f"TLS: curl --cacert {args.tls / 'ca.pem'} {cluster.leader_url}/health")
         if args.auth_file is not None:
