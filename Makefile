@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SERVICE_STAMP := $(VENV)/.installed-service
 STAMP  := $(VENV)/.installed
 
-.PHONY: certs run run-ha failover test unit app system integration nemesis lint format analysis staleness clean
+.PHONY: docs docs-serve certs run run-ha failover test unit app system integration nemesis lint format analysis staleness clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -65,6 +65,14 @@ integration: $(STAMP)
 ## nemesis: random faults against a real cluster, then a history check (ARGS="--seconds 600 --seed N")
 nemesis: $(STAMP)
 	$(PY) tools/nemesis.py $(ARGS)
+
+## docs: build the documentation site into site/, strictly (a broken link or page fails)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+## docs-serve: serve the site on http://127.0.0.1:8008, rebuilt as docs/ changes
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8008
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

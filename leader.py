@@ -1,7 +1,7 @@
 """The leader: accepts writes, versions them, and replicates them to a quorum.
 
 Run it with `python -m uvicorn leader:app --port 8000`; configuration comes
-from the environment (kv/settings.py, and the README). A write is three steps:
+from the environment (kv/settings.py, and docs/operations/configuration.md). A write is three steps:
 
 1. assign the next version and apply it locally, in one synchronous call, so
    no other write can come between the two (`node.put`, kv/leader/node.py);

@@ -8,7 +8,7 @@
 
 It starts a local cluster (5 followers, zero simulated delay, LOG_LEVEL=WARNING,
 uvloop and httptools) and a bare FastAPI POST endpoint under the same uvicorn
-settings, plus a second cluster launched exactly as the README says
+settings, plus a second cluster launched exactly as the docs say
 (`python -m uvicorn leader:app --port N`, every setting at its default: uvicorn's
 INFO logging, the app's default ACCESS_LOG), measured at W=3 as "plain W=3", so
 the speed a new user gets is reported beside the tuned one. It drives each with
@@ -157,7 +157,7 @@ def main() -> int:
         "--baseline", metavar="REF", help="also run this git ref's code, side by side"
     )
     parser.add_argument(
-        "--no-plain", action="store_true", help="skip the cluster launched as the README says"
+        "--no-plain", action="store_true", help="skip the cluster launched as the docs say"
     )
     parser.add_argument(
         "--security", action="store_true", help="also W=3 with TLS, with tokens, and with both"
@@ -233,7 +233,7 @@ def main() -> int:
             if plain is not None and "W=3" in results:
                 tuned = statistics.median(r.writes_per_s for r in results["W=3"])
                 documented = statistics.median(r.writes_per_s for r in results["plain W=3"])
-                print(f"\nlaunched as the README says, at W=3: {documented:,.0f} writes/s, "
+                print(f"\nlaunched as the docs say, at W=3: {documented:,.0f} writes/s, "
                       f"{documented / tuned:.2f} of the tuned launch ({tuned:,.0f})")  # fmt: skip
             if base is not None:
                 print("\nthis code against the baseline (median writes/s, ratio):")

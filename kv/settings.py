@@ -28,7 +28,8 @@ class FsyncPolicy(StrEnum):
     NO = "no"
 
 
-# Documented in the README. Fine on a laptop; a warning is logged while it is in use.
+# Documented in docs/operations/configuration.md. Fine on a laptop; a warning is logged
+# while it is in use.
 DEVELOPMENT_SECRET = "dev-replication-secret"
 DEFAULT_WRITE_QUORUM = 3
 MIB = 1024 * 1024
@@ -309,8 +310,8 @@ class HASettings(NodeSettings):
 
     The write path's settings (WRITE_QUORUM, delays, timeouts...) are the leader's and are
     read by :meth:`leader_settings`; these are the election's. Defaults meet the failover
-    goal in the README: a SIGKILLed leader's lease is gone 2.0-2.5 s after its last
-    keepalive, and the most up-to-date follower campaigns at once.
+    goal in docs/operations/high-availability.md: a SIGKILLed leader's lease is gone
+    2.0-2.5 s after its last keepalive, and the most up-to-date follower campaigns at once.
     """
 
     ROLE: ClassVar[str] = "node"

@@ -6,7 +6,7 @@
     python tools/cluster.py --memory              # no DATA_DIR (default: each node's log in .data/)
     python tools/cluster.py --ha                  # a private etcd and six HA nodes on 8000-8005
     python tools/cluster.py --tls                 # HTTPS and mutual TLS, certificates in certs/
-    python tools/cluster.py --auth-file auth.toml # bearer tokens (README: Security)
+    python tools/cluster.py --auth-file auth.toml # bearer tokens (docs/operations/security.md)
 
 Ctrl-C stops every process. The same :class:`LocalCluster` is what the tests and
 scripts use when no running cluster is given, and it doubles as their fault
@@ -216,7 +216,7 @@ class Node:
     env: dict[str, str]
     log_path: Path | None = None
     cwd: Path = ROOT
-    # uvicorn's options after the app, host and port; () is the README's plain launch.
+    # uvicorn's options after the app, host and port; () is the documented plain launch.
     uvicorn_args: tuple[str, ...] = QUIET_UVICORN
     process: subprocess.Popen[bytes] | None = None
 

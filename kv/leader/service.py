@@ -124,8 +124,8 @@ class LeaderNode(LeaderCore):
             log.warning(
                 "STARTUP_QUORUM is %d of %d followers and there is no DATA_DIR: if every follower "
                 "this leader reads at start-up was away for all of the previous leader's life, it "
-                "may reuse that leader's term (see the README); set DATA_DIR, or STARTUP_QUORUM "
-                "above %d, to rule that out",
+                "may reuse that leader's term (see docs/concepts/durability.md); set DATA_DIR, "
+                "or STARTUP_QUORUM above %d, to rule that out",
                 self.startup.quorum,
                 n,
                 n // 2,

@@ -273,7 +273,8 @@ def warn_if_open(settings: NodeSettings, host: str) -> None:
     if settings.policy is None and not is_loopback(host):
         log.warning(
             "NO AUTHENTICATION: %s listens on %s and AUTH_FILE is unset, so anyone who can "
-            "reach it may read, write and delete every key. Set AUTH_FILE (README: Security)",
+            "reach it may read, write and delete every key. Set AUTH_FILE "
+            "(docs/operations/security.md)",
             settings.name,
             host,
         )

@@ -6,7 +6,7 @@ says which node wrote it, so one handler on the root logger stamps every record 
 node's name, uvicorn's own lines included (its loggers are pointed at that handler).
 
 uvicorn's access log formats a line per request even at 2,000 requests a second: launched
-as the README says, the leader measured 1,219 writes/s with it against 2,688 without. The
+as the docs say, the leader measured 1,219 writes/s with it against 2,688 without. The
 app therefore turns it off and logs requests itself (ACCESS_LOG): `sampled` (the default)
 writes every 100th request and every 5xx (but a probe's 503), `on` every request, `off` none.
 """

@@ -33,7 +33,7 @@ from kv.leader.service import LeaderNode
 METRICS_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
         "content": {CONTENT_TYPE_LATEST: {}},
-        "description": "Prometheus text format; see the README's Metrics section.",
+        "description": "Prometheus text format; see docs/operations/metrics.md.",
     }
 }
 NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
@@ -185,7 +185,8 @@ def metrics_router(*collectors: Collector) -> APIRouter:
 
     @router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def metrics() -> Response:
-        """Prometheus metrics, read from the node's state at scrape time (see the README)."""
+        """Prometheus metrics, read from the node's state at scrape time
+        (docs/operations/metrics.md)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -145,7 +145,7 @@ def watch_router(node: ReadableNode, max_pending: int = MAX_PENDING) -> APIRoute
     ) -> StreamingResponse:
         """Every entry this node applies after `since_version`, in version order, then live.
 
-        See the module's docstring (and the README) for the events."""
+        See the module's docstring (and docs/api/http.md) for the events."""
         feed = node.changes
         wanted = Filter(key, prefix, grant_of(request))
         since = since_version if since_version is not None else last_event_id

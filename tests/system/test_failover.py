@@ -1,7 +1,7 @@
 """Automatic failover: HA nodes (`python -m kv.ha`) electing their leader through a real,
 private etcd, faulted with real signals to their process groups.
 
-Each test names the point of the failover contract (the README's "High availability")
+Each test names the point of the failover contract (docs/concepts/failover.md)
 it checks. Without the etcd binary they skip saying so, and fail under CI=true, where
 .ci/run installs it.
 

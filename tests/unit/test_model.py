@@ -366,7 +366,7 @@ class OneFollowerModel(ReplicationModel):
 
 
 def test_without_a_leader_log_a_small_startup_quorum_can_reuse_a_term():
-    """The sequence the W = N model excludes, pinned: documented in the README."""
+    """The sequence the W = N model excludes, pinned: documented in docs/concepts/durability.md."""
     model = AllFollowersModel()
     model.start()
     model.write("a", 0)
