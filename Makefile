@@ -35,9 +35,9 @@ run: $(SERVICE_STAMP)
 certs: $(SERVICE_STAMP)
 	$(PY) tools/certs.py $(ARGS)
 
-## run-ha: a private etcd and six HA nodes on 8000-8005 that elect their leader (needs etcd-server)
+## run-ha: a private etcd and six HA nodes on 8000-8005 that elect their leader (needs etcd-server); TLS=1
 run-ha: $(SERVICE_STAMP)
-	$(PY) tools/cluster.py --ha $(ARGS)
+	$(PY) tools/cluster.py --ha $(if $(filter-out 0,$(TLS)),--tls) $(ARGS)
 
 ## failover: 20 leader kills under load, timed by the client (ARGS="--fault term" for hand-overs)
 failover: $(STAMP)

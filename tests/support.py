@@ -35,3 +35,17 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def require_etcd() -> None:
+    """Skip a test that needs Debian's etcd where it is missing, but fail under CI, which
+    installs it (.ci/run): a skip there would hide a broken install."""
+    import os
+    import shutil
+
+    import pytest
+
+    if shutil.which("etcd") is None:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError("CI must install etcd-server (see .ci/run)")
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")

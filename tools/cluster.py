@@ -5,7 +5,7 @@
     python tools/cluster.py --base-port 0         # free ports, printed at start-up
     python tools/cluster.py --memory              # no DATA_DIR (default: each node's log in .data/)
     python tools/cluster.py --ha                  # a private etcd and six HA nodes on 8000-8005
-    python tools/cluster.py --tls                 # HTTPS and mutual TLS, certificates in certs/
+    python tools/cluster.py --tls                 # HTTPS, mutual TLS, certs/ (with --ha: etcd too)
     python tools/cluster.py --auth-file auth.toml # bearer tokens (docs/operations/security.md)
 
 Ctrl-C stops every process. The same :class:`LocalCluster` is what the tests and
@@ -98,15 +98,17 @@ def wait_healthy(
     processes: Sequence[subprocess.Popen[bytes]] = (),
     path: str = "/health",
     ca: Path | None = None,
+    cert: tuple[Path, Path] | None = None,
 ) -> None:
     """Poll each URL's `path` until it answers 200, or raise naming the ones that did not.
 
     `/health` is liveness; a leader's `/ready` answers 200 only once it takes writes.
-    `ca`: the CA an https:// node's certificate is verified against.
+    `ca`: the CA an https:// node's certificate is verified against; `cert`: a client
+    certificate and key to present (an etcd that requires one).
     """
     deadline = time.monotonic() + timeout
     waiting = list(urls)
-    with httpx.Client(timeout=1.0, trust_env=False, verify=verifier(ca)) as client:
+    with httpx.Client(timeout=1.0, trust_env=False, verify=verifier(ca, cert)) as client:
         while waiting:
             for process in processes:
                 if process.poll() is not None:
@@ -127,9 +129,15 @@ def wait_healthy(
             time.sleep(0.05)
 
 
-def verifier(ca: Path | None) -> ssl.SSLContext | bool:
-    """httpx's `verify` for a cluster whose certificates `ca` signed (tools/certs.py)."""
-    return ssl.create_default_context(cafile=str(ca)) if ca is not None else True
+def verifier(ca: Path | None, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext | bool:
+    """httpx's `verify` for a cluster whose certificates `ca` signed (tools/certs.py),
+    presenting `cert` (certificate, key) when given."""
+    if ca is None:
+        return True
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    return context
 
 
 def die_with_parent() -> None:
@@ -558,16 +566,21 @@ class PrivateEtcd:
 
     Production points ETCD_ENDPOINTS at a three-member etcd instead."""
 
-    def __init__(self, data_dir: Path, log_path: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, log_path: Path | None = None, certs: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
+        # tools/certs.py's folder: etcd serves HTTPS with etcd.pem and requires a client
+        # certificate the same CA signed (--client-cert-auth). None: plain HTTP.
+        self.certs = certs
         self.client_port = free_port()
         self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.client_port}"
+        return f"{'https' if self.certs else 'http'}://{HOST}:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> PrivateEtcd:
         binary = shutil.which("etcd")
@@ -580,8 +593,17 @@ class PrivateEtcd:
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"kv={peer}", "--log-level", "warn",
         ]  # fmt: skip
+        ca = cert = None
+        if self.certs is not None:
+            ca = self.certs / "ca.pem"
+            cert = (self.certs / "client.pem", self.certs / "client-key.pem")
+            command += [
+                "--cert-file", str(self.certs / "etcd.pem"),
+                "--key-file", str(self.certs / "etcd-key.pem"),
+                "--trusted-ca-file", str(ca), "--client-cert-auth",
+            ]  # fmt: skip
         self.process = spawn(command, self.log_path, quiet=True)
-        wait_healthy([self.url], timeout, [self.process])
+        wait_healthy([self.url], timeout, [self.process], ca=ca, cert=cert)
         return self
 
     def signal(self, signum: int) -> None:
@@ -613,7 +635,7 @@ class HANodeProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if 'TLS_CERT_FILE' in self.env else 'http'}://{HOST}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -662,6 +684,9 @@ class HACluster:
     scratch: Path | None = None
     """Where the private etcd keeps its data (default: a folder under data_dir or /tmp)."""
     etcd_endpoints: str | None = None
+    # tools/certs.py's folder: HTTPS and mutual TLS between the nodes, and to a private etcd
+    # that requires the nodes' certificates. None: plain HTTP.
+    certs: Path | None = None
     members: list[HANodeProcess] = field(default_factory=list, init=False)
     etcd: PrivateEtcd | None = field(default=None, init=False)
     _tmp: Path | None = field(default=None, init=False)
@@ -677,7 +702,10 @@ class HACluster:
         try:
             endpoints = self.etcd_endpoints or self._start_etcd()
             names = [f"node{i + 1}" for i in range(self.nodes)]
-            cluster = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(names, ports, strict=True))
+            scheme = "https" if self.certs else "http"
+            cluster = ",".join(
+                f"{n}={scheme}://{HOST}:{p}" for n, p in zip(names, ports, strict=True)
+            )
             common = dict(self.extra_env)
             if self.secret is not None:
                 common["REPLICATION_SECRET"] = self.secret
@@ -699,6 +727,7 @@ class HACluster:
                         **(
                             {} if self.data_dir is None else {"DATA_DIR": str(self.data_dir / name)}
                         ),
+                        **self._tls(name),
                         **self.node_env.get(name, {}),
                     },
                     None if self.log_dir is None else self.log_dir / f"{name}.log",
@@ -718,6 +747,19 @@ class HACluster:
     def _data(self, name: str) -> dict[str, str]:
         return {} if self.data_dir is None else {"DATA_DIR": str(self.data_dir / name)}
 
+    def _tls(self, name: str) -> dict[str, str]:
+        if self.certs is None:
+            return {}
+        return {
+            "TLS_CA_FILE": str(self.certs / "ca.pem"),
+            "TLS_CERT_FILE": str(self.certs / f"{name}.pem"),
+            "TLS_KEY_FILE": str(self.certs / f"{name}-key.pem"),
+        }
+
+    @property
+    def ca(self) -> Path | None:
+        return None if self.certs is None else self.certs / "ca.pem"
+
     def _start_etcd(self) -> str:
         import tempfile
 
@@ -727,7 +769,7 @@ class HACluster:
         log_path = None if self.log_dir is None else self.log_dir / "etcd.log"
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.etcd = PrivateEtcd(self.scratch / "etcd", log_path).start()
+        self.etcd = PrivateEtcd(self.scratch / "etcd", log_path, self.certs).start()
         return self.etcd.url
 
     def stop(self) -> None:
@@ -799,7 +841,8 @@ class HACluster:
         member = self.member(name)
         member.stop()
         member.start()
-        wait_healthy([member.url], timeout, [member.process] if member.process else [])
+        processes = [member.process] if member.process else []
+        wait_healthy([member.url], timeout, processes, ca=self.ca)
 
     def kill_etcd(self) -> None:
         assert self.etcd is not None, "etcd was not started by this cluster"
@@ -845,10 +888,16 @@ class _NodeUrls(Protocol):
     def node_urls(self) -> dict[str, str]: ...
 
 
+def probe_client(cluster: object) -> httpx.Client:
+    """A client for a cluster's probes: it trusts the cluster's CA when it has one."""
+    ca: Path | None = getattr(cluster, "ca", None)
+    return httpx.Client(timeout=0.5, trust_env=False, verify=verifier(ca))
+
+
 def primaries(cluster: _NodeUrls, client: httpx.Client | None = None) -> list[str]:
     """The names of the nodes answering /primary with 200 now."""
     own = client is None
-    client = client or httpx.Client(timeout=0.5, trust_env=False)
+    client = client or probe_client(cluster)
     try:
         found = []
         for name, url in cluster.node_urls().items():
@@ -872,7 +921,7 @@ def wait_for_primary(
     """Poll until exactly one node (not in `exclude`) is primary; its name. A process in
     `watched` that exits fails the wait at once."""
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=0.5, trust_env=False) as client:
+    with probe_client(cluster) as client:
         while True:
             for member in watched:
                 if member.process is not None and member.process.poll() is not None:
@@ -1008,9 +1057,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--auth-file", type=Path, default=None, help="AUTH_FILE for every node: bearer tokens"
     )
     args = parser.parse_args(argv)
-    if args.ha and (args.tls or args.auth_file):
-        parser.error("--tls and --auth-file are for the fixed roles; set TLS_* and AUTH_FILE "
-                     "in the environment for --ha")  # fmt: skip
     if args.followers < 0:
         parser.error("--followers must be 0 or more")
     if args.quorum is not None and not 0 <= args.quorum <= args.followers:
@@ -1020,9 +1066,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ensure_certs(folder: Path, followers: int) -> None:
-    """tools/certs.py's CA and node certificates in `folder`, made unless they are there."""
-    names = ["leader", *(f"follower{i}" for i in range(1, followers + 1))]
+def ensure_certs(folder: Path, names: list[str]) -> None:
+    """tools/certs.py's CA and certificates for `names` in `folder`, made unless there."""
     if all((folder / f"{name}.pem").exists() for name in ["ca", *names]):
         return
     if str(ROOT) not in sys.path:  # run as a script: tools/ is not a package on the path
@@ -1044,6 +1089,10 @@ def main_ha(args: argparse.Namespace) -> int:
         print(ETCD_MISSING, file=sys.stderr)
         return 1
     data_dir = None if args.memory else args.data_dir / "ha"
+    if args.tls is not None:
+        ensure_certs(
+            args.tls, [f"node{i}" for i in range(1, args.followers + 2)] + ["etcd", "client"]
+        )
     cluster = HACluster(
         nodes=args.followers + 1,
         quorum=args.quorum,
@@ -1054,6 +1103,8 @@ def main_ha(args: argparse.Namespace) -> int:
         data_dir=data_dir,
         scratch=None if data_dir is None else data_dir,
         etcd_endpoints=os.environ.get("ETCD_ENDPOINTS") or None,
+        certs=args.tls,
+        extra_env={} if args.auth_file is None else {"AUTH_FILE": str(args.auth_file)},
     )
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
@@ -1092,7 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ha:
         return main_ha(args)
     if args.tls is not None:
-        ensure_certs(args.tls, args.followers)
+        ensure_certs(args.tls, ["leader", *(f"follower{i}" for i in range(1, args.followers + 1))])
     cluster = LocalCluster(
         followers=args.followers,
         quorum=args.quorum,

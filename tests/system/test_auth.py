@@ -4,8 +4,6 @@ reads, lists and the feed (AUTH_FILE; kv/core/access.py, kv/web/access.py)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ import httpx
 import pytest
 
 from kv.client import KVClient
+from tests.support import require_etcd
 from tests.system.tokens import bearer, token, write_auth_file
 from tools.cluster import HACluster, LocalCluster, Node, free_port, wait_healthy
 
@@ -234,10 +233,7 @@ def test_without_an_auth_file_the_node_needs_no_token(tmp_path: Path):
 def test_ha_nodes_elect_a_leader_and_take_tokens(tmp_path: Path):
     """HA nodes with AUTH_FILE: peers still read each other's /ha (with the secret), one
     leads, a write needs a token, and a follower's 307 leads a token holder to the leader."""
-    if shutil.which("etcd") is None:
-        if os.environ.get("CI") == "true":
-            raise RuntimeError("CI must install etcd-server (see .ci/run)")
-        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    require_etcd()
     auth = write_auth_file(tmp_path / "auth.toml")
     with HACluster(
         nodes=3, max_delay_ms=0, base_port=0, log_dir=tmp_path, extra_env={"AUTH_FILE": str(auth)}
