@@ -7,6 +7,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +225,18 @@ def test_ha_nodes_talk_tls_to_each_other_and_to_etcd(tmp_path: Path):
             assert written.status_code == 200 and written.json()["acks"] == 2, written.text
             cluster.kill(leader)
             successor = cluster.wait_for_primary(30, exclude=[leader])
-            again = client.post(f"{cluster.url_of(successor)}/keys", json={"key": "k", "value": 2})
+            # A new leader may answer 503 while it meets its followers: retry the same write,
+            # as a client does (one Idempotency-Key: applied once).
+            deadline = time.monotonic() + 15
+            while True:
+                again = client.post(
+                    f"{cluster.url_of(successor)}/keys",
+                    json={"key": "k", "value": 2},
+                    headers={"Idempotency-Key": "ha-tls-again"},
+                )
+                if again.status_code != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
             assert again.status_code == 200, again.text
             assert again.json()["version"] > written.json()["version"]
             assert client.get(f"{cluster.url_of(successor)}/keys/k").json()["value"] == 2
