@@ -30,6 +30,9 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from kv.core.records import Entry
 from kv.core.requests import RequestTable, RequestTag
@@ -75,9 +78,26 @@ def decode_record(line: bytes) -> Entry | None:
     if payload is None:
         return None
     try:
-        return Entry.from_json(json.loads(payload), payload)
+        return Entry.from_json(parse_record(payload), payload)
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def parse_record(payload: bytes) -> dict[str, Any]:
+    """A record's fields, by orjson (about 3x faster) where that is exact enough.
+
+    An untagged entry keeps `payload` itself as its JSON, and takes only its key, version
+    and deletion mark from the parse, so a value that orjson reads inexactly (an integer
+    past 64 bits becomes a float) is never used. A tagged entry's value is encoded again
+    from the parse, so it is parsed by the json module, exactly; so is anything orjson
+    refuses (the json module decides whether the record is damaged)."""
+    try:
+        fields: dict[str, Any] = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return json.loads(payload)  # type: ignore[no-any-return]
+    if "request" in fields:
+        return json.loads(payload)  # type: ignore[no-any-return]
+    return fields
 
 
 def overwritten_requests(store: VersionedStore) -> list[bytes]:

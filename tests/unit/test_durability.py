@@ -155,3 +155,18 @@ async def test_everysec_syncs_in_the_background(tmp_path: Path, monkeypatch):
         await asyncio.sleep(0.05)
     assert calls, "fsynced within about a second"
     await durable.close()
+
+
+@pytest.mark.parametrize("tagged", [False, True])
+def test_a_replayed_value_is_exact_whatever_parses_the_record(tagged: bool):
+    """Records are parsed by orjson where its inexactness cannot reach a value (an
+    integer past 64 bits) and by the json module where it could: either way, exact."""
+    from kv.core.requests import RequestTag
+
+    huge = {"n": 2**70 + 1, "f": 0.1, "s": "\u00e9\U0001f600"}
+    request = RequestTag("retry-1", 12345) if tagged else None
+    entry = Entry("k", huge, 7, request=request)
+    replayed = decode_record(encode_record(entry))
+    assert replayed is not None and replayed.value == huge and replayed.version == 7
+    assert replayed.request == request
+    assert replayed.same_write(entry)
