@@ -240,6 +240,8 @@ def test_ha_nodes_elect_a_leader_and_take_tokens(tmp_path: Path):
     ) as cluster:
         wait_healthy(cluster.urls, 30)  # /health stays open (AUTH_OPEN's default)
         leader = cluster.wait_for_primary(30)
+        # Primary once elected; ready once it reaches its followers (/ready stays open).
+        wait_healthy([cluster.url_of(leader)], 30, path="/ready")
         follower = next(name for name in cluster.node_urls() if name != leader)
         with httpx.Client(timeout=10, trust_env=False, follow_redirects=True) as client:
             assert client.get(f"{cluster.url_of(leader)}/ha").status_code == 401
