@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kv.core.access import Grant, Policy, Role
-from kv.web.asgi import header, read_body
+from kv.web.asgi import Header, header, read_body, send_answer
+from kv.web.errors import error_json
 
 if TYPE_CHECKING:
     from kv.settings import NodeSettings
@@ -105,20 +105,21 @@ def covers(request: Request, key: str) -> bool:
     return grant is None or grant.covers(key)
 
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
-
-
-def _json(status: int, message: str, *extra: tuple[bytes, bytes]) -> Answer:
-    body = json.dumps({"error": message, "detail": None}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *extra,
-    ]
-    return status, headers, body
-
-
 CHALLENGE = (b"www-authenticate", b'Bearer realm="kv"')
+HTML = b"text/html; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A JSON error answer, made once where it does not vary."""
+
+    status: int
+    body: bytes
+    headers: tuple[Header, ...] = ()
+
+    @classmethod
+    def of(cls, status: int, message: str, *headers: Header) -> Refusal:
+        return cls(status, error_json(message), headers)
 
 
 class RequireToken:
@@ -137,10 +138,10 @@ class RequireToken:
         self.open_paths = open_paths | INTERNAL
         self.secret = secret.encode()
         self.secure_cookie = secure_cookie
-        self.missing = _json(
+        self.missing = Refusal.of(
             401, "this node needs a token: send 'Authorization: Bearer <token>'", CHALLENGE
         )
-        self.unknown = _json(401, "the token is not known to this node", CHALLENGE)
+        self.unknown = Refusal.of(401, "the token is not known to this node", CHALLENGE)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
@@ -162,7 +163,7 @@ class RequireToken:
             return
         needed = need(scope["method"], scope["path"])
         if not grant.may(needed.role) or (needed.key is not None and not grant.covers(needed.key)):
-            await self.refuse(scope, send, _json(403, grant.why_not(needed.role, needed.key)))
+            await self.refuse(scope, send, Refusal.of(403, grant.why_not(needed.role, needed.key)))
             return
         scope[GRANT_SCOPE_KEY] = grant
         await self.app(scope, receive, send)
@@ -171,22 +172,16 @@ class RequireToken:
         presented = header(scope, SECRET_HEADER)
         return presented is not None and hmac.compare_digest(presented, self.secret)
 
-    async def refuse(self, scope: Scope, send: Send, answer: Answer) -> None:
-        status, headers, body = answer
-        if status == 401 and scope["path"] == "/ui" and _wants_html(scope):
-            body = login_page().encode()
-            headers = [
-                (b"content-type", b"text/html; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-                CHALLENGE,
-            ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def refuse(self, scope: Scope, send: Send, refusal: Refusal) -> None:
+        if refusal.status == 401 and scope["path"] == "/ui" and _wants_html(scope):
+            await send_answer(send, 401, login_page().encode(), HTML, [CHALLENGE])
+            return
+        await send_answer(send, refusal.status, refusal.body, headers=refusal.headers)
 
     async def login(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /ui/login with an admin token (a form field): set the cookie, go to /ui."""
         if scope["method"] != "POST":
-            await self.refuse(scope, send, _json(405, "POST the form of /ui to log in"))
+            await self.refuse(scope, send, Refusal.of(405, "POST the form of /ui to log in"))
             return
         body = await read_body(receive) or b""
         fields = dict(parse_qsl(body[:4096].decode("latin-1")))
@@ -194,33 +189,13 @@ class RequireToken:
         grant = self.policy.identify(token) if token else None
         if grant is None or not grant.may(Role.ADMIN):
             page = login_page("that is not an admin token").encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 401 if grant is None else 403,
-                    "headers": [
-                        (b"content-type", b"text/html; charset=utf-8"),
-                        (b"content-length", str(len(page)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": page})
+            await send_answer(send, 401 if grant is None else 403, page, HTML)
             return
         cookie = f"{COOKIE}={token.decode('latin-1')}; Path=/; HttpOnly; SameSite=Strict"
         if self.secure_cookie:
             cookie += "; Secure"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 303,
-                "headers": [
-                    (b"location", b"/ui"),
-                    (b"set-cookie", cookie.encode("latin-1")),
-                    (b"content-length", b"0"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": b""})
+        where = [(b"location", b"/ui"), (b"set-cookie", cookie.encode("latin-1"))]
+        await send_answer(send, 303, b"", None, where)
 
 
 def presented_token(scope: Scope) -> bytes | None:

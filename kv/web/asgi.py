@@ -1,8 +1,13 @@
-"""Small helpers for the raw ASGI middleware here (body limit, secret check, fast paths)."""
+"""Small helpers for the raw ASGI middleware here (body limit, secret and token checks,
+fast paths)."""
 
 from __future__ import annotations
 
-from starlette.types import Message, Receive, Scope
+from collections.abc import Sequence
+
+from starlette.types import Message, Receive, Scope, Send
+
+Header = tuple[bytes, bytes]
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -34,3 +39,19 @@ def replaying(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+async def send_answer(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes | None = b"application/json",
+    headers: Sequence[Header] = (),
+) -> None:
+    """A whole response from raw middleware, before FastAPI: its head (with the length)
+    and its body."""
+    head = [(b"content-length", str(len(body)).encode()), *headers]
+    if content_type is not None:
+        head.insert(0, (b"content-type", content_type))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})

@@ -16,12 +16,12 @@ handshake refuses it.
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kv.network.tls import connection_tls
-from kv.web.asgi import header
+from kv.web.asgi import header, send_answer
+from kv.web.errors import error_json
 
 SECRET_HEADER = "X-Replication-Secret"
 
@@ -34,11 +34,11 @@ class RequireSecret:
         self.secret = secret.encode()
         self.paths = paths
         self.header = SECRET_HEADER.lower().encode()
-        self.wrong_secret = refusal(f"missing or wrong {SECRET_HEADER} header")
-        self.no_cert = refusal(
+        self.wrong_secret = error_json(f"missing or wrong {SECRET_HEADER} header")
+        self.no_cert = error_json(
             "replication over TLS needs a client certificate signed by the cluster's CA"
         )
-        self.unseen = refusal(
+        self.unseen = error_json(
             "this server does not show the app the connection's TLS state, so replication "
             "over it is refused; run the node under uvicorn (kv/network/tls.py)"
         )
@@ -48,35 +48,17 @@ class RequireSecret:
             if scope.get("scheme") == "https":
                 tls = connection_tls(receive)
                 if tls is None:
-                    await self.refuse(send, self.unseen)
+                    await send_answer(send, 401, self.unseen)
                     return
                 if tls.client_cert_requested and tls.client_cert_name is None:
-                    await self.refuse(send, self.no_cert)
+                    await send_answer(send, 401, self.no_cert)
                     return
             if not self._authentic(scope):
-                await self.refuse(send, self.wrong_secret)
+                await send_answer(send, 401, self.wrong_secret)
                 return
         await self.app(scope, receive, send)
-
-    @staticmethod
-    async def refuse(send: Send, body: bytes) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
     def _authentic(self, scope: Scope) -> bool:
         presented = header(scope, self.header)
         # compare_digest takes as long whatever the first wrong byte, so timing says nothing.
         return presented is not None and hmac.compare_digest(presented, self.secret)
-
-
-def refusal(message: str) -> bytes:
-    return json.dumps({"error": message, "detail": None}).encode()

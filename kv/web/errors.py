@@ -6,6 +6,7 @@ never has to guess what it did wrong.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -18,6 +19,11 @@ from kv.web.schemas import ErrorResponse
 
 def error_body(message: str, detail: Any = None) -> dict[str, Any]:
     return ErrorResponse(error=message, detail=detail).model_dump()
+
+
+def error_json(message: str) -> bytes:
+    """`error_body` as bytes, for raw middleware that answers before FastAPI."""
+    return json.dumps(error_body(message)).encode()
 
 
 def summarise_validation(errors: list[Any]) -> str:
