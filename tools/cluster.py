@@ -140,6 +140,17 @@ def verifier(ca: Path | None, cert: tuple[Path, Path] | None = None) -> ssl.SSLC
     return context
 
 
+def tls_env(certs: Path | None, name: str) -> dict[str, str]:
+    """The TLS_* settings of node `name`, from a folder of tools/certs.py's files."""
+    if certs is None:
+        return {}
+    return {
+        "TLS_CA_FILE": str(certs / "ca.pem"),
+        "TLS_CERT_FILE": str(certs / f"{name}.pem"),
+        "TLS_KEY_FILE": str(certs / f"{name}-key.pem"),
+    }
+
+
 def die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM it when the launcher dies.
 
@@ -303,13 +314,7 @@ class LocalCluster:
         return "https" if self.certs is not None else "http"
 
     def _tls(self, name: str) -> dict[str, str]:
-        if self.certs is None:
-            return {}
-        return {
-            "TLS_CA_FILE": str(self.certs / "ca.pem"),
-            "TLS_CERT_FILE": str(self.certs / f"{name}.pem"),
-            "TLS_KEY_FILE": str(self.certs / f"{name}-key.pem"),
-        }
+        return tls_env(self.certs, name)
 
     def _ports(self) -> list[int]:
         if self.base_port == 0:
@@ -748,13 +753,7 @@ class HACluster:
         return {} if self.data_dir is None else {"DATA_DIR": str(self.data_dir / name)}
 
     def _tls(self, name: str) -> dict[str, str]:
-        if self.certs is None:
-            return {}
-        return {
-            "TLS_CA_FILE": str(self.certs / "ca.pem"),
-            "TLS_CERT_FILE": str(self.certs / f"{name}.pem"),
-            "TLS_KEY_FILE": str(self.certs / f"{name}-key.pem"),
-        }
+        return tls_env(self.certs, name)
 
     @property
     def ca(self) -> Path | None:
