@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.support import rss_bytes
-from tests.system.tokens import BAD_TOKEN, bearer, token, write_auth_file
+from tests.system.tokens import BAD_TOKEN, auth_cluster, bearer, token
 from tools.cluster import HOST, LocalCluster
 
 pytestmark = pytest.mark.timeout(240)
@@ -36,13 +36,8 @@ FLOOR_MS = 2.0
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     folder = tmp_path_factory.mktemp("abuse")
-    with LocalCluster(
-        followers=2,
-        quorum=2,
-        max_delay_ms=0,
-        base_port=0,
-        auth_file=write_auth_file(folder / "auth.toml"),
-        log_dir=folder,
+    with auth_cluster(
+        folder,
         extra_env={
             "WATCH_MAX_PENDING": str(WATCH_MAX_PENDING),
             "CHANGE_FEED_ENTRIES": str(CHANGE_FEED_ENTRIES),

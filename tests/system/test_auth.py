@@ -13,7 +13,7 @@ import pytest
 
 from kv.client import KVClient
 from tests.support import require_etcd
-from tests.system.tokens import bearer, token, write_auth_file
+from tests.system.tokens import auth_cluster, bearer, token, write_auth_file
 from tools.cluster import HACluster, LocalCluster, Node, free_port, wait_healthy
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,14 +71,7 @@ MATRIX: list[tuple[str, str, str, object, tuple[int, ...]]] = [
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     folder = tmp_path_factory.mktemp("auth")
-    with LocalCluster(
-        followers=2,
-        quorum=2,
-        max_delay_ms=0,
-        base_port=0,
-        auth_file=write_auth_file(folder / "auth.toml"),
-        log_dir=folder,
-    ) as running:
+    with auth_cluster(folder) as running:
         with httpx.Client(timeout=10, trust_env=False, headers=bearer("admin")) as admin:
             for key in ("app1/seed", "other/seed"):
                 answer = admin.post(f"{running.leader_url}/keys", json={"key": key, "value": 0})

@@ -174,12 +174,9 @@ async def test_with_tokens_the_page_logs_in_and_then_works_on_its_cookie(browser
     """AUTH_FILE set: /ui shows a login form; an admin token opens the page, whose streams
     and forms then ride on the HttpOnly cookie (a browser cannot put a header on an
     EventSource). The token appears nowhere in the page."""
-    from tests.system.tokens import token, write_auth_file
+    from tests.system.tokens import auth_cluster, token
 
-    auth = write_auth_file(tmp_path / "auth.toml")
-    with LocalCluster(
-        followers=2, quorum=2, max_delay_ms=50, base_port=0, auth_file=auth, log_dir=tmp_path
-    ) as cluster:
+    with auth_cluster(tmp_path, max_delay_ms=50) as cluster:
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
         expect = playwright_api.expect
         answer = await page.goto(f"{cluster.leader_url}/ui")

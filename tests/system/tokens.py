@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from kv.core.access import token_digest
+from tools.cluster import LocalCluster
 
 # name -> (token, role, prefixes). The tokens are long and unlike anything else in a log,
 # so that the leak test can search every output for them.
@@ -39,3 +41,17 @@ def write_auth_file(path: Path) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def auth_cluster(folder: Path, **options: Any) -> LocalCluster:
+    """A leader and two followers (W=2, no delay) on free ports, taking these tokens;
+    `options` override or add LocalCluster's settings."""
+    settings: dict[str, Any] = {
+        "followers": 2,
+        "quorum": 2,
+        "max_delay_ms": 0,
+        "base_port": 0,
+        "auth_file": write_auth_file(folder / "auth.toml"),
+        "log_dir": folder,
+    }
+    return LocalCluster(**(settings | options))
