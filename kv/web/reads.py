@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.convertors import PathConvertor, register_url_convertor
 
-from kv.web.access import covers, visible
+from kv.web.access import grant_of, visible
 from kv.web.consistency import (
     LAST_VERSION_HEADER,
     MinVersionHeader,
@@ -172,7 +172,9 @@ def read_router(node: ReadableNode, role: Role) -> APIRouter:
         summary="This node's whole store, for consistency checks",
     )
     async def state(request: Request) -> StateResponse:
-        live = [entry for entry in store.live_items() if covers(request, entry.key)]
+        live = store.live_items()
+        if (grant := grant_of(request)) is not None:  # a token's prefixes (AUTH_FILE)
+            live = [entry for entry in live if grant.covers(entry.key)]
         return StateResponse(
             role=role,
             store={entry.key: entry.value for entry in live},
