@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 Check = Callable[[], Awaitable[bool]]
 
@@ -40,11 +43,6 @@ def rss_bytes(pid: int) -> int:
 def require_etcd() -> None:
     """Skip a test that needs Debian's etcd where it is missing, but fail under CI, which
     installs it (.ci/run): a skip there would hide a broken install."""
-    import os
-    import shutil
-
-    import pytest
-
     if shutil.which("etcd") is None:
         if os.environ.get("CI") == "true":
             raise RuntimeError("CI must install etcd-server (see .ci/run)")
