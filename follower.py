@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -164,6 +164,14 @@ async def entries(
     ] = internal.PAGE_LIMIT_DEFAULT,
     term: Annotated[int | None, Query(ge=1, description="The reading leader's term.")] = None,
     leader_id: Annotated[str | None, Query(description="The reading leader.")] = None,
+    format: Annotated[
+        Literal["json", "lines"],
+        Query(
+            description="`lines`: the other fields as JSON on the first line, then each entry "
+            "on a line of its own (application/x-ndjson), which a starting leader reads "
+            "without decoding and encoding every value again."
+        ),
+    ] = "json",
 ) -> Response:
     """The entries this follower holds, tombstones included, one page at a time.
 
@@ -176,7 +184,8 @@ async def entries(
     page = node.read(after_version, limit, term, leader_id)
     if isinstance(page, Refused):
         return internal.refused(page)
-    return internal.page_body(page, node.storage.store.last_version, node.term, node.core.node_id)
+    store, lines = node.storage.store, format == "lines"
+    return internal.page_body(page, store.last_version, node.term, node.core.node_id, lines)
 
 
 @router.post("/keys", responses=internal.REJECTED_WRITE, tags=["writes"], status_code=403)

@@ -31,21 +31,31 @@ MIB = 1024 * 1024
 
 
 async def load(client: httpx.AsyncClient, url: str, keys: int, start: int = 0) -> None:
-    """Give the follower at `url` keys `start` .. `start + keys - 1` directly."""
+    """Give the follower at `url` keys `start` .. `start + keys - 1` directly.
+
+    Each batch says, as a leader's does, that the follower then holds every version up to
+    its last (`through`, for the process that answered the batch before): a follower
+    otherwise holds every entry back in its change feed, waiting for that watermark, and
+    its memory would measure the feed rather than the store."""
+    node_id = None
     for first in range(start, start + keys, BATCH):
         entries = [
             {"key": f"key-{i:07d}", "value": {"n": i}, "version": i + 1, "deleted": False}
             for i in range(first, min(start + keys, first + BATCH))
         ]
+        body: dict[str, object] = {"entries": entries}
+        if node_id is not None:
+            body.update(through=entries[-1]["version"], node_id=node_id)
         response = await client.post(
             f"{url}/replicate",
-            content=json.dumps({"entries": entries}),
+            content=json.dumps(body),
             headers={
                 "X-Replication-Secret": DEVELOPMENT_SECRET,
                 "content-type": "application/json",
             },
         )
         response.raise_for_status()
+        node_id = response.json()["node_id"]
 
 
 def rss_mib(pid: int) -> float:

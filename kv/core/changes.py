@@ -118,6 +118,11 @@ class ChangeFeed:
         # the rare adopted entry, so stopping at the first older entry could miss some.
         return [entry for entry in self._ring if entry.version > version]
 
+    @property
+    def capacity(self) -> int:
+        """How many released entries the ring keeps."""
+        return self._ring.maxlen or 1
+
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
 

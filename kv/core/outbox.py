@@ -16,10 +16,12 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kv.core.records import Entry
+from kv.core.store import StoreView
 
 
 def quorum_reached(acks: int, required: int) -> bool:
@@ -83,7 +85,7 @@ class Outbox:
         self,
         max_batch_entries: int = 1024,
         max_batch_bytes: int = 4 * 1024 * 1024,
-        max_snapshot_batch: int = 2048,
+        max_snapshot_batch: int = 1024,
     ):
         if max_batch_entries < 1 or max_batch_bytes < 1 or max_snapshot_batch < 1:
             raise ValueError("batch limits must be positive")
@@ -93,9 +95,13 @@ class Outbox:
         # A snapshot not yet made into shipments: the entries in version order, from
         # `_snapshot_at` on. A million shipments made at once would stall the event loop
         # for seconds; they are made a batch at a time instead (:meth:`_refill`).
-        self._snapshot: list[Entry] = []
+        self._snapshot: Sequence[Entry] = []
         self._snapshot_at = 0
         self._snapshot_now = 0.0
+        # Every snapshot entry not yet made into a shipment has a version above this (see
+        # :meth:`add_snapshot`), which is all min_version() needs to know of them.
+        self._snapshot_floor = 0
+        self._snapshot_top = 0
         self._delayed: list[tuple[float, int, int, Shipment]] = []  # by ready_at
         self._ready: list[tuple[int, int, Shipment]] = []  # by version
         self._sequence = 0  # tie-breaker, so shipments themselves are never compared
@@ -112,11 +118,24 @@ class Outbox:
         """Snapshot entries not yet made into shipments."""
         return len(self._snapshot) - self._snapshot_at
 
-    def add_snapshot(self, entries: list[Entry], now: float) -> None:
-        """Ship `entries` (in version order), ready at once, as a snapshot (`resync`)."""
-        if self.snapshot_left:
-            self._refill(self.snapshot_left)  # an earlier snapshot still going: keep it
+    def add_snapshot(self, entries: Sequence[Entry], now: float) -> int:
+        """Ship `entries` (in version order), ready at once, as a snapshot (`resync`).
+
+        A snapshot is of the whole store, so it replaces one still going, whose entries it
+        holds too; returns how many entries of that one were dropped unshipped. `entries`
+        may be read lazily (a :class:`StoreView`), so an entry can be newer by the time
+        it ships than when the snapshot was taken: shipping it is still right (it is what
+        the leader holds), and those above the snapshot's `top` are left out of
+        min_version()'s bound, since their old versions are gone.
+        """
+        dropped = self.snapshot_left
         self._snapshot, self._snapshot_at, self._snapshot_now = entries, 0, now
+        self._snapshot_floor = 0
+        if isinstance(entries, StoreView):
+            self._snapshot_top = entries.top
+        else:
+            self._snapshot_top = entries[-1].version if entries else 0
+        return dropped
 
     def _refill(self, count: int) -> None:
         """Make the next `count` snapshot entries into ready shipments."""
@@ -124,11 +143,15 @@ class Outbox:
             return
         end = min(len(self._snapshot), self._snapshot_at + count)
         now = self._snapshot_now
+        floor, top = self._snapshot_floor, self._snapshot_top
         for entry in self._snapshot[self._snapshot_at : end]:
             self._sequence += 1
             shipment = Shipment(entry, 0.0, now, now, resync=True)
             heapq.heappush(self._ready, (entry.version, self._sequence, shipment))
             self._hold(entry.version)
+            if floor < entry.version <= top:
+                floor = entry.version  # unchanged since the snapshot: it was in order
+        self._snapshot_floor = floor
         self._snapshot_at = end
         if end == len(self._snapshot):
             self._snapshot, self._snapshot_at = [], 0
@@ -145,7 +168,7 @@ class Outbox:
             heapq.heappop(self._versions)
         lowest = self._versions[0] if self._versions else None
         if self.snapshot_left:
-            head = self._snapshot[self._snapshot_at].version
+            head = self._snapshot_floor + 1  # at most the next snapshot entry's version
             lowest = head if lowest is None else min(lowest, head)
         return lowest
 
@@ -202,8 +225,9 @@ class Outbox:
         return batch
 
     def drain(self) -> list[Shipment]:
-        """Remove and return every shipment."""
-        self._refill(self.snapshot_left)
+        """Remove and return every shipment; a snapshot's entries not yet made into
+        shipments are dropped (see snapshot_left, before)."""
+        self._snapshot, self._snapshot_at = [], 0
         shipments = [item[3] for item in self._delayed] + [item[2] for item in self._ready]
         self._delayed.clear()
         self._ready.clear()

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kv.core.records import Entry, term_of
-from kv.core.store import VersionedStore, fingerprint
+from kv.core.store import StoreView, VersionedStore, fingerprint
 
 
 @dataclass
@@ -42,10 +42,6 @@ class MergeOutcome:
     them over the other node's (an older leader's entry outranked this leader's own write,
     or one version was held with two contents)."""
 
-    def extend(self, other: MergeOutcome) -> None:
-        self.adopted += other.adopted
-        self.restamp += other.restamp
-
 
 def merge_entries(
     store: VersionedStore, entries: Iterable[Entry], own_terms: frozenset[int] | set[int]
@@ -54,19 +50,20 @@ def merge_entries(
     outcome = MergeOutcome()
     for entry in entries:
         store.note_request(entry)  # the key's write, whether or not it is the one kept
-        held = store.held(entry.key)
-        if held is None:
+        # Versions first: the held entry is made (unpacked) only when it is restamped.
+        held = store.held_version(entry.key)
+        if held == 0:
             store.maybe_apply(entry)
             outcome.adopted.append(entry)
-        elif entry.version > held.version:
-            if term_of(held.version) in own_terms:
+        elif entry.version > held:
+            if term_of(held) in own_terms:
                 store.advance_to(entry.version)
-                outcome.restamp.append(held)
+                outcome.restamp.append(store.held(entry.key))  # type: ignore[arg-type]
             else:
                 store.maybe_apply(entry)
                 outcome.adopted.append(entry)
-        elif entry.version == held.version and not held.same_write(entry):
-            outcome.restamp.append(held)
+        elif entry.version == held and not store.holds(entry):
+            outcome.restamp.append(store.held(entry.key))  # type: ignore[arg-type]
     return outcome
 
 
@@ -104,7 +101,10 @@ class StartupMerge:
         self.persisted_term = persisted_term
         self.granted_term = granted_term
         self.reports: dict[str, FollowerReport] = {}
-        self.outcome = MergeOutcome()
+        # What the merge adopted, as keys: the entries themselves would hold a second copy
+        # of a million keys until the end of the read, and leave the heap fragmented after.
+        self.adopted_keys: list[str] = []
+        self.restamp: list[Entry] = []
         self.chosen_term: int | None = None
         self.claims: set[str] = set()
         self._highest_term = 0
@@ -114,8 +114,14 @@ class StartupMerge:
 
     def merge_page(self, url: str, entries: list[Entry]) -> None:
         """Merge one page of a follower's entries (nothing of this leader's exists yet)."""
-        self.outcome.extend(merge_entries(self.store, entries, frozenset()))
+        outcome = merge_entries(self.store, entries, frozenset())
+        self.adopted_keys += [entry.key for entry in outcome.adopted]
+        self.restamp += outcome.restamp
         self._fingerprints[url] = self._fingerprints.get(url, 0) ^ fingerprint(entries)
+
+    def adopted(self) -> StoreView:
+        """The entries the merge adopted, as the store now holds them, read when used."""
+        return self.store.view(self.adopted_keys)
 
     def abandon(self, url: str) -> None:
         """A follower failed part-way: its pages stay merged (they are real entries), but it

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,7 @@ class LeaderCore:
         *,
         leader_id: str | None = None,
         persisted_term: int = 0,
-        record: Callable[[list[Entry]], None] = _ignore,
+        record: Callable[[Sequence[Entry]], None] = _ignore,
         save_term: Callable[[int, str], None] = _ignore,
         broadcast: Callable[[Entry], None] = _ignore,
         granted_term: int | None = None,
@@ -124,12 +124,11 @@ class LeaderCore:
         Returns, for each follower read, its node_id and whether it held exactly
         what the leader now holds (if not, it gets a snapshot).
         """
-        merged = self.startup.outcome
         assert self.startup.ready and self.startup.chosen_term is not None
-        self.record(merged.adopted)
+        self.record(self.startup.adopted())
         self.begin_term(self.startup.chosen_term)
         reports = self.startup.followers_in_sync()
-        self.restamp(merged.restamp)
+        self.restamp(self.startup.restamp)
         self.ready = True
         return reports
 
@@ -218,7 +217,7 @@ class LeaderCore:
         """Write each entry again under a new version, if the leader still holds it."""
         settled = 0
         for held in entries:
-            if self.store.held(held.key) is not held:
+            if self.store.held_version(held.key) != held.version:
                 continue  # written since: that write is newer than anything merged
             entry = self._rewrite(held)
             self.record([entry])

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import httpx
@@ -22,6 +22,7 @@ from kv.core.progress import FollowerProgress
 from kv.core.records import Entry
 from kv.core.startup import TermTooLowError
 from kv.core.stats import WriteStats
+from kv.core.store import StoreView
 from kv.leader.node import LeaderCore
 from kv.network.delivery import Delivery, FollowerLink, Replicator, follower_client
 from kv.network.tls import client_context
@@ -106,7 +107,7 @@ class LeaderNode(LeaderCore):
                 url,
                 clients[url],
                 self.delays,
-                FollowerProgress(self.store.entries, self.settings.max_replication_queue),
+                FollowerProgress(self.store.snapshot, self.settings.max_replication_queue),
                 leader=self,
                 max_in_flight=MAX_IN_FLIGHT_PER_FOLLOWER,
                 heartbeat_timeout=self.settings.heartbeat_timeout_ms / 1000,
@@ -151,7 +152,7 @@ class LeaderNode(LeaderCore):
                         raise
                     log.warning("%s; asking for a newer one", low)
                     self.startup.granted_term = await self.term_source(low.needed)
-            adopted = len(self.startup.outcome.adopted)
+            adopted = len(self.startup.adopted_keys)
             reports = self.finish_startup()
         now = time.monotonic()
         for link in self.replicator.links:
@@ -206,16 +207,20 @@ class LeaderNode(LeaderCore):
         for watcher in self.delivery_watchers:
             watcher(delivery, entry)
 
-    def _record(self, entries: list[Entry]) -> None:
+    def _record(self, entries: Sequence[Entry]) -> None:
         """Every entry the leader applies: to its log, its change feed, and waiting readers."""
         self.storage.record(entries)
         self._feed(entries)
         self.gate.notify()
 
-    def _feed(self, entries: list[Entry]) -> None:
+    def _feed(self, entries: Sequence[Entry]) -> None:
         # Adopted entries (from a late follower) are below the watermark already released:
         # they go out at once, late rather than never.
         feed = self.changes
+        if isinstance(entries, StoreView) and len(entries) > feed.capacity and not feed.subscribers:
+            # A start-up's million adopted keys: the ring keeps only the newest, and one
+            # more tells it where what it keeps begins (its compacted_through).
+            entries = entries.newest(feed.capacity + 1)
         late = [e for e in entries if e.version <= feed.released_through]
         feed.received(entries, self.store.last_version)
         if late:

@@ -13,6 +13,7 @@ from kv.follower.node import Applied, Page, Refused
 from kv.follower.service import FollowerService
 from kv.web.auth import SECRET_HEADER
 from kv.web.schemas import (
+    PAGE_LINES,
     ErrorResponse,
     FollowerEntries,
     ReplicateRequest,
@@ -39,6 +40,11 @@ REPLICATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"model": TermConflict, "description": "The batch comes from an older term."},
 }
 ENTRIES_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A page of entries: FollowerEntries as JSON, or with `format=lines` its "
+        "other fields as JSON on the first line and then one entry per line.",
+        "content": {PAGE_LINES: {"schema": {"type": "string"}}},
+    },
     **UNAUTHORISED,
     409: {"model": TermConflict, "description": "The reader's term is older."},
 }
@@ -82,9 +88,15 @@ def confirmation(outcome: Applied, last_version: int, term: int, node_id: str) -
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def page_body(page: Page, last_version: int, term: int, node_id: str) -> Response:
+def page_body(
+    page: Page, last_version: int, term: int, node_id: str, lines: bool = False
+) -> Response:
     """A FollowerEntries body, joined from each entry's cached JSON: a page can hold a hundred
-    thousand entries, and none of them is encoded again."""
+    thousand entries, and none of them is encoded again.
+
+    `lines`: the same fields but `entries` on the first line, then each entry on a line of
+    its own (JSON never holds a raw newline), so that a reader can take each entry's bytes
+    as they are instead of decoding every value and encoding it again."""
     rest = FollowerEntries.model_construct(
         entries=[],
         last_version=last_version,
@@ -92,11 +104,12 @@ def page_body(page: Page, last_version: int, term: int, node_id: str) -> Respons
         node_id=node_id,
         next_after=page.next_after,
     ).model_dump_json()
+    fields = rest.encode()[len('{"entries":[],') :]
+    if lines:
+        entries = b"".join(b"\n" + e.wire for e in page.entries)
+        return Response(b"{" + fields + entries, media_type=PAGE_LINES)
     entries = b",".join(e.wire for e in page.entries)
-    return Response(
-        b'{"entries":[' + entries + b"]," + rest.encode()[len('{"entries":[],') :],
-        media_type="application/json",
-    )
+    return Response(b'{"entries":[' + entries + b"]," + fields, media_type="application/json")
 
 
 def write_elsewhere(request: Request, node: FollowerService) -> Response:

@@ -312,6 +312,10 @@ class TermConflict(BaseModel):
     batch_term: int = Field(description="The term the refused batch came from.")
 
 
+PAGE_LINES = "application/x-ndjson"
+"""The media type of a follower's page in lines (`GET /replicate/entries?format=lines`)."""
+
+
 class FollowerEntries(BaseModel):
     entries: list[ReplicatedEntry]
     last_version: int

@@ -441,3 +441,40 @@ async def test_an_integer_past_64_bits_comes_back_exactly(cluster: InProcessClus
     assert written.status_code == 200 and written.json()["value"] == [big, 1.5]
     for node in [cluster.leader, *cluster.followers]:
         assert (await node.get("/keys/big")).json()["value"] == [big, 1.5]
+
+
+async def test_a_page_in_lines_carries_each_entry_exactly_as_held(cluster: InProcessCluster):
+    """A starting leader reads pages as lines (`format=lines`) and keeps each entry's bytes as
+    its JSON; both formats must carry the same entries, values past 64 bits exactly."""
+    from kv.network.delivery import parse_page
+
+    big = 2**70 + 1
+    everyone = f"w={len(cluster.followers)}"
+    for key, value in [("big", [big, 1.5]), ("text", "line\nbreak"), ("gone", 1)]:
+        written = await cluster.leader.post(f"/keys?{everyone}", json={"key": key, "value": value})
+        assert written.status_code == 200
+    assert (await cluster.leader.delete(f"/keys/gone?{everyone}")).status_code == 200
+    follower = cluster.followers[0]
+    pages = {}
+    for format in ["json", "lines"]:
+        response = await follower.get(
+            f"/replicate/entries?limit=10&format={format}",
+            headers={SECRET_HEADER: DEVELOPMENT_SECRET},
+        )
+        assert response.status_code == 200
+        pages[format] = parse_page(response.headers["content-type"], response.content)
+    lines = (await follower.get(
+        "/replicate/entries?format=lines", headers={SECRET_HEADER: DEVELOPMENT_SECRET}
+    )).content.split(b"\n")  # fmt: skip
+    assert len(lines) == 1 + 3, "the fields, then one line per entry"
+    held = {e.key: (e.value, e.version, e.deleted) for e in pages["json"]["entries"]}
+    assert held == {e.key: (e.value, e.version, e.deleted) for e in pages["lines"]["entries"]}
+    assert held["big"][0] == [big, 1.5] and held["text"][0] == "line\nbreak"
+    assert held["gone"][2] is True
+    assert {k: v for k, v in pages["lines"].items() if k != "entries"} == {
+        k: v for k, v in pages["json"].items() if k != "entries"
+    }
+    bad = await follower.get(
+        "/replicate/entries?format=xml", headers={SECRET_HEADER: DEVELOPMENT_SECRET}
+    )
+    assert bad.status_code == 422 and "format" in bad.text

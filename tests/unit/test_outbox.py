@@ -7,6 +7,7 @@ import pytest
 
 from kv.core.outbox import DelayModel, Outbox, Shipment, encode_batch, quorum_reached, retry_backoff
 from kv.core.records import Entry
+from kv.core.store import VersionedStore
 
 
 def shipment(version: int, ready_at: float, key: str = "k", value: object = 0) -> Shipment:
@@ -136,10 +137,46 @@ def test_a_snapshot_is_made_into_shipments_a_batch_at_a_time():
     assert len(outbox) == 0 and outbox.min_version() is None
 
 
-def test_draining_returns_the_snapshot_not_yet_shipped():
+def test_draining_drops_the_snapshot_not_yet_shipped_unmade():
+    """A backlog dropped during a snapshot is replaced by a new snapshot, so the entries
+    the old one had yet to ship are counted (snapshot_left), not made into shipments."""
     outbox = Outbox(max_snapshot_batch=10)
     outbox.add_snapshot([Entry.create(f"k{v}", v, v) for v in range(1, 51)], now=0.0)
     outbox.take_ready(0.0)
-    drained = outbox.drain()
-    assert sorted(s.entry.version for s in drained) == list(range(11, 51))
-    assert len(outbox) == 0 and outbox.min_version() is None
+    outbox.add(Shipment(Entry.create("w", 0, 60), 0.0, 0.0, 5.0))
+    assert outbox.snapshot_left == 40
+    assert [s.entry.version for s in outbox.drain()] == [60]
+    assert len(outbox) == 0 and outbox.min_version() is None and outbox.snapshot_left == 0
+
+
+def test_a_new_snapshot_replaces_one_still_going():
+    outbox = Outbox(max_snapshot_batch=10)
+    outbox.add_snapshot([Entry.create(f"k{v}", v, v) for v in range(1, 51)], now=0.0)
+    outbox.take_ready(0.0)
+    assert outbox.add_snapshot([Entry.create(f"k{v}", v, v) for v in range(1, 61)], 1.0) == 40
+    assert outbox.snapshot_left == 60
+
+
+def test_a_lazy_snapshot_ships_what_the_store_holds_when_it_ships():
+    """A store's snapshot is read a batch at a time: a key written since it was taken ships
+    its newest entry, and min_version() stays at most the version of any entry the follower
+    has yet to get, though the changed key's old version is gone."""
+    store = VersionedStore()
+    for i in range(1, 7):
+        store.put(f"k{i}", i)  # versions 1..6
+    outbox = Outbox(max_snapshot_batch=2)
+    outbox.add_snapshot(store.snapshot(), now=0.0)
+    assert outbox.min_version() == 1
+    store.put("k1", "new")  # version 7, written after the snapshot was taken
+    store.put("k4", "new")  # version 8
+    first = outbox.take_ready(0.0)
+    assert [(s.entry.key, s.entry.version, s.entry.value) for s in first] == [
+        ("k2", 2, 2),
+        ("k1", 7, "new"),
+    ]
+    assert outbox.min_version() == 3  # k3 (version 3) is next
+    second = outbox.take_ready(0.0)
+    assert [(s.entry.key, s.entry.version) for s in second] == [("k3", 3), ("k4", 8)]
+    assert outbox.min_version() == 4  # k3 seen; k4 changed, so its old version tells nothing
+    rest = [(s.entry.key, s.entry.version) for s in outbox.take_ready(0.0)]
+    assert rest == [("k5", 5), ("k6", 6)] and outbox.min_version() is None

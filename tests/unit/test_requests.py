@@ -110,7 +110,7 @@ def test_a_repeated_request_replays_its_write_and_writes_nothing():
     core = leader()
     first = core.put("k", 1, "1", request=tag("a"))
     replay = core.replay(tag("a"), "k", 1)
-    assert replay is not None and replay.answer is first and replay.confirm is first
+    assert replay is not None and replay.answer == first and replay.confirm == first
     assert core.store.last_version == first.version
 
 
@@ -127,7 +127,7 @@ def test_a_repeat_after_the_key_was_overwritten_answers_with_the_first_write():
     replay = core.replay(tag("a"), "k", 1)
     assert replay is not None
     assert (replay.answer.version, replay.answer.value) == (first.version, 1)
-    assert replay.confirm is newer  # followers holding the newer write hold the first too
+    assert replay.confirm == newer  # followers holding the newer write hold the first too
 
 
 def test_a_key_reused_for_another_request_is_refused():
@@ -145,7 +145,7 @@ def test_a_deletion_is_replayed_as_the_same_tombstone():
     tombstone = core.delete("k", request=tag("d", deleted=True, value_json="null"))
     assert tombstone is not None
     replay = core.replay(tag("d", deleted=True, value_json="null"), "k", None)
-    assert replay is not None and replay.answer is tombstone and replay.answer.deleted
+    assert replay is not None and replay.answer == tombstone and replay.answer.deleted
 
 
 def test_a_promoted_follower_recognises_a_request_it_only_replicated():

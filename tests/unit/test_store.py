@@ -1,6 +1,7 @@
 """The apply rules: versions, apply-if-newer and tombstones."""
 
 import json
+import random
 
 from kv.core.records import Entry
 from kv.core.store import VersionedStore
@@ -123,3 +124,78 @@ def test_the_fingerprint_kept_up_to_date_equals_one_computed_afresh():
     for entry in reversed(leader.entries()):  # out of order: stale ones change nothing
         replica.maybe_apply(entry)
     assert leader.fingerprint() == fingerprint(leader.entries()) == replica.fingerprint()
+
+
+def test_a_value_is_cut_out_of_its_entry_whatever_the_key_holds():
+    """The store keeps only each value's JSON, cut out of the entry's: a key that spells
+    out the field names must not fool the cut."""
+    for key in ['a,"value":1', 'x","version":3,"value":"', 'ü\\"', ""]:
+        for value in ["s", {"version": ',"version":9'}, 2**70, [None], -0.5]:
+            entry = Entry.create(key, value, 42)
+            assert json.loads(entry.value_json) == value
+            store = VersionedStore()
+            store.maybe_apply(entry)
+            held = store.get(key)
+            assert held is not None and held == entry and held.value == value
+            assert held.encoded == entry.encoded
+
+
+def test_entries_rebuilt_from_the_packed_store_keep_their_request_tags():
+    from kv.core.requests import RequestTag
+
+    store = VersionedStore()
+    tagged = store.put("k", 1, request=RequestTag("r1", 5))
+    held = store.held("k")
+    assert held is not None and held.request == RequestTag("r1", 5) and held.wire == tagged.wire
+    store.put("k", 2)  # an untagged write replaces it: its tag goes too
+    assert store.held("k").request is None  # type: ignore[union-attr]
+
+
+def test_pages_are_in_version_order_after_entries_arrive_out_of_order():
+    """A replica applies batches in any order; its pages must still list every entry once,
+    in version order, as a leader reading it pages through them."""
+    rng = random.Random(7)
+    leader = VersionedStore()
+    for i in range(500):
+        if i % 9 == 0 and leader.get(f"k{i % 37}") is not None:
+            leader.delete(f"k{i % 37}")
+        else:
+            leader.put(f"k{i % 37}", i)
+    shuffled = leader.entries()
+    rng.shuffle(shuffled)
+    replica = VersionedStore()
+    paged: list[Entry] = []
+    for entry in shuffled:
+        replica.maybe_apply(entry)
+        replica.page(0, 5)  # the order is made, and must be made again after changes
+    after = 0
+    while page := replica.page(after, 4):
+        paged += page
+        after = page[-1].version
+    assert [(e.key, e.version, e.deleted) for e in paged] == [
+        (e.key, e.version, e.deleted) for e in leader.entries()
+    ]
+    assert replica.page(-3, 1)[0].version == leader.entries()[0].version
+
+
+def test_a_snapshot_reads_each_entry_as_it_is_when_read():
+    store = VersionedStore()
+    for i in range(5):
+        store.put(f"k{i}", i)
+    snapshot = store.snapshot()
+    top = snapshot.top
+    store.put("k0", "new")
+    assert len(snapshot) == 5 and top == store.last_version - 1
+    assert [(e.key, e.value) for e in snapshot[:2]] == [("k0", "new"), ("k1", 1)]
+    assert snapshot[0].version > top and snapshot[4].value == 4
+
+
+def test_an_entry_in_another_layout_still_gives_its_value():
+    """Entries from a page or log keep the bytes they came in: JSON with its fields in
+    another order (hand-made) must not be cut apart as if it were in ours."""
+    wire = b'{"version":3,"deleted":false,"value":{"a":[1,2]},"key":"k"}'
+    entry = Entry.from_wire(wire)
+    assert json.loads(entry.value_json) == {"a": [1, 2]}
+    store = VersionedStore()
+    store.maybe_apply(entry)
+    assert store.get("k").value == {"a": [1, 2]}  # type: ignore[union-attr]

@@ -84,7 +84,18 @@ def test_startup_merge_keeps_the_newest_of_each_key_and_picks_a_newer_term():
     assert not merge.followers_in_sync()["a"][1] and merge.followers_in_sync()["b"][1], (
         "b held every newest entry"
     )
-    assert merge.outcome.restamp == []
+    assert merge.restamp == []
+    adopted = merge.adopted()  # as the store holds them now, not as they were read
+    assert [(e.key, e.version) for e in adopted] == [
+        ("x", 3),
+        ("y", first_version(2) + 4),
+        ("x", 3),
+        ("y", first_version(2) + 4),
+    ]
+    assert [(e.key, e.version) for e in adopted.newest(5)] == [
+        ("y", first_version(2) + 4),
+        ("x", 3),
+    ]
 
 
 def test_a_starting_leader_is_ready_once_its_read_quorum_holds_the_new_term():
@@ -129,7 +140,7 @@ def test_merge_prefers_the_leaders_own_later_write_over_an_older_leaders():
     late = Entry.create("k", "theirs", own.version + 5)  # an older leader of a colliding term
     outcome = merge_entries(store, [late], own_terms={2})
     assert outcome.restamp == [own] and outcome.adopted == []
-    assert store.get("k") is own, "the leader keeps its own write, to be written again"
+    assert store.get("k") == own, "the leader keeps its own write, to be written again"
     assert store.next_version() > late.version
 
 
