@@ -191,6 +191,8 @@ class VersionedStore:
         # bytes compares their versions, with no key function of our own to call.
         after = (max(after_version, 0) + 1).to_bytes(VERSION_BYTES, "big")
         start = bisect.bisect_left(order, after, key=records.__getitem__)
+        if start + limit >= len(order):
+            self._order = None  # the reader is done: 8 MiB a million keys, made again if asked
         return self._unpack(order[start : start + limit])
 
     def fingerprint(self) -> int:

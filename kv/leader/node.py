@@ -126,6 +126,7 @@ class LeaderCore:
         """
         assert self.startup.ready and self.startup.chosen_term is not None
         self.record(self.startup.adopted())
+        self.startup.adopted_keys = []  # recorded: the list of a million keys can go
         self.begin_term(self.startup.chosen_term)
         reports = self.startup.followers_in_sync()
         self.restamp(self.startup.restamp)
