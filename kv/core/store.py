@@ -27,16 +27,15 @@ from kv.core.records import (
     Entry,
     TermExhaustedError,
     dump_trusted,
+    entry_json,
     first_version,
     term_of,
 )
 from kv.core.requests import RequestTable, RequestTag
 
-VERSION_BYTES = 8
+_VERSION = struct.Struct(">Q")  # big endian: records compare as bytes in version order
+VERSION_BYTES = _VERSION.size
 """A packed record starts with its version in this many bytes, big endian."""
-
-
-_VERSION = struct.Struct(">Q")  # VERSION_BYTES, big endian
 
 
 def version_of(record: bytes) -> int:
@@ -189,7 +188,7 @@ class VersionedStore:
         records = self._records
         # A record's first eight bytes are its version, big endian: comparing records as
         # bytes compares their versions, with no key function of our own to call.
-        after = (max(after_version, 0) + 1).to_bytes(VERSION_BYTES, "big")
+        after = _VERSION.pack(max(after_version, 0) + 1)
         start = bisect.bisect_left(order, after, key=records.__getitem__)
         if start + limit >= len(order):
             self._order = None  # the reader is done: 8 MiB a million keys, made again if asked
@@ -221,7 +220,7 @@ class VersionedStore:
         records = self._records
         if replaced:
             del records[key]  # to the end of the dict, where the newest versions are
-        records[key] = version.to_bytes(VERSION_BYTES, "big") + value_json
+        records[key] = _VERSION.pack(version) + value_json
         if version > self._top:
             self._top = version
         else:
@@ -240,23 +239,23 @@ class VersionedStore:
         """The entry held for `key` (which must be held)."""
         return self._unpack((key,))[0]
 
-    def _unpack(self, keys: Iterable[str], records: dict[str, bytes] | None = None) -> list[Entry]:
+    def _unpack(self, keys: Iterable[str]) -> list[Entry]:
         """The entries of `keys` (each held), made in one loop: a snapshot makes a million,
         so everything is looked up once, outside it."""
-        records = self._records if records is None else records
-        tags, unpack, dumps, make = self._tags, _VERSION.unpack_from, dump_trusted, Entry
+        records, tags, unpack, dumps, make = (
+            self._records,
+            self._tags,
+            _VERSION.unpack_from,
+            dump_trusted,
+            Entry,
+        )
         entries = []
         for key in keys:
             record = records[key]
             version = unpack(record)[0]
-            value = record[VERSION_BYTES:] or b"null"  # a tombstone holds no value
-            deleted = len(record) == VERSION_BYTES
-            encoding = b'{"key":%b,"value":%b,"version":%d,"deleted":%b}' % (
-                dumps(key),
-                value,
-                version,
-                b"true" if deleted else b"false",
-            )
+            deleted = len(record) == VERSION_BYTES  # a tombstone holds no value
+            value = b"null" if deleted else record[VERSION_BYTES:]
+            encoding = entry_json(dumps(key), value, version, deleted)
             tag = tags.get(key) if tags else None
             entries.append(make(key, None, version, deleted, encoding, tag))
         return entries
@@ -385,12 +384,12 @@ class StoreView(Sequence[Entry]):
         records = self._store._records
         # Sorted by their records (versions first), with no Python function per key: a
         # tenth of the time of heapq.nlargest's, whose key function runs in Python.
-        newest: dict[str, bytes] = {}
+        newest: dict[str, None] = {}
         for key in reversed(sorted(self._keys, key=records.__getitem__)):
             if len(newest) == count:
                 break
-            newest.setdefault(key, records[key])
-        return self._store._unpack(newest, newest)
+            newest[key] = None
+        return self._store._unpack(newest)
 
 
 def fingerprint(entries: Iterable[Entry]) -> int:

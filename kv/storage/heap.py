@@ -14,7 +14,6 @@ traverse only what the node made since, and cycles among new objects are still c
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 from collections.abc import Iterator
@@ -61,9 +60,8 @@ def release_free_memory() -> None:
     keeps the freed space inside its heap, so it still counts in the node's RSS (about
     100 MiB after a starting leader read a million keys), until it is trimmed. Elsewhere
     than glibc this does nothing."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None)
+    # The process's own symbols, libc's among them: no ctypes.util.find_library, which
+    # runs ldconfig in a subprocess on every call.
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)

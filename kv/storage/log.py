@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,13 +81,6 @@ def decode_record(line: bytes) -> Entry | None:
         return Entry.from_wire(payload)
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def snapshot_records(entries: Sequence[Entry], chunk: int = 10_000) -> Iterator[bytes]:
-    """The records of a snapshot, made a chunk at a time: a store's entries are read as
-    they are written out, never all held at once."""
-    for start in range(0, len(entries), chunk):
-        yield b"".join(encode_record(entry) for entry in entries[start : start + chunk])
 
 
 def overwritten_requests(store: VersionedStore) -> list[bytes]:
@@ -303,14 +296,19 @@ class DurableLog:
         """Replace the logs by a snapshot of `store` once they outgrow it; True if it did."""
         if self.log_bytes < max(self.compact_floor_bytes, self.snapshot_bytes):
             return False
-        self.compact(store.snapshot(), overwritten_requests(store))
+        self.compact_store(store)
         return True
+
+    def compact_store(self, store: VersionedStore) -> None:
+        """Replace the logs by a snapshot of `store`, and the requests it no longer carries."""
+        self.compact(store.snapshot(), overwritten_requests(store))
 
     def compact(self, entries: Sequence[Entry], requests: list[bytes] | None = None) -> None:
         old_logs = self._log_files()
         self._open_next_log()  # appends from now on go to a log the snapshot does not cover
         self._write_atomically(REQUESTS, requests or [])
-        self._write_atomically(SNAPSHOT, snapshot_records(entries))
+        # A generator: a store's snapshot (StoreView) is read as it is written out.
+        self._write_atomically(SNAPSHOT, (encode_record(entry) for entry in entries))
         current = self.directory / f"{LOG_PREFIX}{self._log_seq}.jsonl"
         for path in old_logs:
             if path != current:
@@ -426,7 +424,7 @@ class Storage:
         encode them all at once and then compact anyway."""
         if self.durable is not None and entries:
             if len(entries) > BULK_RECORDS:
-                self.durable.compact(self.store.snapshot(), overwritten_requests(self.store))
+                self.durable.compact_store(self.store)
                 return
             self.durable.append(entries)
             self.durable.maybe_compact(self.store)
