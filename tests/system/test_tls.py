@@ -219,6 +219,15 @@ def test_ha_nodes_talk_tls_to_each_other_and_to_etcd(tmp_path: Path):
         assert cluster.url_of(leader).startswith("https://")
         wait_healthy([cluster.url_of(leader)], 30, path="/ready", ca=cluster.ca)
         with httpx.Client(timeout=10, trust_env=False, verify=context) as client:
+            # /ready needs as many followers reachable as the default quorum (1); a write at
+            # w=2 needs both, so wait until the leader has reached both over TLS.
+            deadline = time.monotonic() + 30
+            while True:
+                health = client.get(f"{cluster.url_of(leader)}/health").json()
+                if all(r["state"] == "up" for r in health["replicas"]):
+                    break
+                assert time.monotonic() < deadline, health
+                time.sleep(0.1)
             written = client.post(
                 f"{cluster.url_of(leader)}/keys?w=2", json={"key": "k", "value": 1}
             )
