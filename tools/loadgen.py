@@ -47,10 +47,8 @@ class Connection:
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         for attempt in (1, 2):
-            if self._writer is None:
-                self._reader, self._writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=self.tls
-                )
+            await self.connect()
+            assert self._writer is not None
             try:
                 self._writer.write(head + body)
                 return await self._read_response()
@@ -60,6 +58,13 @@ class Connection:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    async def connect(self) -> None:
+        """Open the connection unless it is open."""
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.tls
+            )
 
     async def _read_response(self) -> Response:
         assert self._reader is not None
@@ -79,7 +84,12 @@ class Connection:
 
 class ConnectionPool:
     """At most `size` connections to one base URL, each used by one request at a time.
-    An https:// URL is verified with `tls` (default: the system's CAs)."""
+    An https:// URL is verified with `tls` (default: the system's CAs).
+
+    The most recently used idle connection is used first, so the pool opens only as many
+    connections as the requests in flight need, and those stay warm. Taken in turn instead,
+    a pool of 512 opened 512 connections at the start of every measurement, and the server's
+    cost of accepting them showed up as the store's latency (300 ms at p99)."""
 
     def __init__(self, base_url: str, size: int, tls: ssl.SSLContext | bool = True) -> None:
         parts = urlsplit(base_url)
@@ -89,7 +99,7 @@ class ConnectionPool:
         if parts.scheme == "https":
             context = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
         port = parts.port or (443 if context else 80)
-        self._idle: asyncio.Queue[Connection] = asyncio.Queue()
+        self._idle: asyncio.LifoQueue[Connection] = asyncio.LifoQueue()
         self._all = [Connection(parts.hostname, port, context) for _ in range(size)]
         for connection in self._all:
             self._idle.put_nowait(connection)
@@ -103,6 +113,16 @@ class ConnectionPool:
             raise
         finally:
             self._idle.put_nowait(connection)
+
+    async def warm(self, count: int) -> None:
+        """Open `count` connections now (as a benchmark's load generator does before it
+        measures), so that opening them is not timed as the server's latency."""
+        idle = [self._idle.get_nowait() for _ in range(min(count, self._idle.qsize()))]
+        try:
+            await asyncio.gather(*(connection.connect() for connection in idle))
+        finally:
+            for connection in reversed(idle):
+                self._idle.put_nowait(connection)
 
     async def close(self) -> None:
         for connection in self._all:
