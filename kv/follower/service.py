@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Protocol
 
@@ -11,6 +12,7 @@ from kv.core.stats import ApplyStats
 from kv.core.store import VersionedStore
 from kv.follower.node import Applied, FollowerCore, Page, Refused
 from kv.settings import FollowerSettings
+from kv.storage.heap import TrimAfterBulk
 from kv.storage.state import NodeState, node_state
 
 log = logging.getLogger("kvstore.follower")
@@ -52,6 +54,7 @@ class FollowerService:
         self.core = FollowerCore(self.storage.store, fence or TermFence())
         self.stats = ApplyStats()
         self.election = election
+        self.trimmer = TrimAfterBulk()
 
     @property
     def store(self) -> VersionedStore:
@@ -116,6 +119,8 @@ class FollowerService:
             )
         self.storage.record(outcome.applied)
         self.changes.received(entries, self.core.applied_through)
+        if self.trimmer.applied(len(outcome.applied)):
+            asyncio.get_running_loop().call_later(self.trimmer.delay, self.trimmer.trim)
         self.gate.notify()
         if self.storage.waits_for_fsync:
             await self.storage.sync()

