@@ -158,9 +158,9 @@ def test_a_new_snapshot_replaces_one_still_going():
 
 
 def test_a_lazy_snapshot_ships_what_the_store_holds_when_it_ships():
-    """A store's snapshot is read a batch at a time: a key written since it was taken ships
-    its newest entry, and min_version() stays at most the version of any entry the follower
-    has yet to get, though the changed key's old version is gone."""
+    """A store's snapshot is read a batch at a time, in the order the snapshot was taken: a
+    key written since ships its newest entry, and min_version() stays at most the version
+    of any entry the follower has yet to get, though the changed key's old version is gone."""
     store = VersionedStore()
     for i in range(1, 7):
         store.put(f"k{i}", i)  # versions 1..6
@@ -171,8 +171,8 @@ def test_a_lazy_snapshot_ships_what_the_store_holds_when_it_ships():
     store.put("k4", "new")  # version 8
     first = outbox.take_ready(0.0)
     assert [(s.entry.key, s.entry.version, s.entry.value) for s in first] == [
-        ("k2", 2, 2),
         ("k1", 7, "new"),
+        ("k2", 2, 2),
     ]
     assert outbox.min_version() == 3  # k3 (version 3) is next
     second = outbox.take_ready(0.0)
@@ -180,3 +180,18 @@ def test_a_lazy_snapshot_ships_what_the_store_holds_when_it_ships():
     assert outbox.min_version() == 4  # k3 seen; k4 changed, so its old version tells nothing
     rest = [(s.entry.key, s.entry.version) for s in outbox.take_ready(0.0)]
     assert rest == [("k5", 5), ("k6", 6)] and outbox.min_version() is None
+
+
+def test_a_snapshot_batch_stops_at_the_byte_limit_and_its_last_takes_the_writes_after_it():
+    """Large values: a snapshot batch holds what fits in max_batch_bytes (at least one
+    entry), and the writes queued behind the snapshot fill its last batch."""
+    outbox = Outbox(max_batch_bytes=1_000, max_snapshot_batch=100)
+    entries = [Entry.create(f"k{v}", "x" * 300, v) for v in range(1, 8)]
+    assert all(300 < len(e.wire) < 500 for e in entries)  # two fit in a batch, not three
+    outbox.add_snapshot(entries, now=0.0)
+    outbox.add(Shipment(Entry.create("w", 0, 10), 0.0, 0.0, 0.0))
+    batches = []
+    while batch := outbox.take_ready(0.0):
+        batches.append([s.entry.version for s in batch])
+    assert batches == [[1, 2], [3, 4], [5, 6], [7, 10]]
+    assert len(outbox) == 0 and outbox.min_version() is None
