@@ -9,7 +9,14 @@ import pytest
 from kv.core.records import Entry
 from kv.core.store import VersionedStore
 from kv.settings import FsyncPolicy
-from kv.storage.log import SNAPSHOT, CorruptLogError, DurableLog, decode_record, encode_record
+from kv.storage.log import (
+    SNAPSHOT,
+    CorruptLogError,
+    DurableLog,
+    decode_record,
+    encode_record,
+    restore,
+)
 
 
 def counting_fsync(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -102,6 +109,44 @@ async def test_compaction_bounds_what_a_restart_reads(tmp_path: Path):
     assert [(e.key, e.version) for e in again.live_items()] == [
         (e.key, e.version) for e in store.live_items()
     ]
+
+
+async def test_a_log_of_new_keys_is_not_compacted_but_one_of_overwrites_is(tmp_path: Path):
+    """A follower taking a snapshot appends one record a key: compacting would only copy
+    it. Records that supersede earlier ones are what a compaction is for."""
+    durable = DurableLog(tmp_path, FsyncPolicy.NO, compact_floor_bytes=10_000)
+    durable.recover()
+    store = VersionedStore()
+    for i in range(3_000):  # about 40 bytes a record: 12 times the floor, all new keys
+        durable.append([store.put(f"key{i}", i)])
+        assert not durable.maybe_compact(store)
+    assert durable.compactions == 0 and durable.log_bytes > 100_000
+    for i in range(6_000):  # now overwrite them, twice over
+        durable.append([store.put(f"key{i % 3_000}", -i)])
+        durable.maybe_compact(store)
+    assert durable.compactions >= 1 and durable.snapshot_records == 3_000
+    await durable.close()
+    assert [(e.key, e.version) for e in restored(tmp_path).live_items()] == [
+        (e.key, e.version) for e in store.live_items()
+    ]
+
+
+async def test_a_restart_counts_the_records_its_logs_hold(tmp_path: Path):
+    """What a log holds that is superseded is known again after a restart, so a node that
+    restarts on a log of overwrites compacts it at its next write."""
+    durable = DurableLog(tmp_path, FsyncPolicy.NO, compact_floor_bytes=10_000)
+    durable.recover()
+    store = VersionedStore()
+    for i in range(1_000):
+        durable.append([store.put(f"key{i % 10}", i)])  # 35 KB, never asked to compact
+    await durable.close()
+    again = VersionedStore()
+    reopened = restore(tmp_path, FsyncPolicy.NO, again)
+    assert reopened.log_records == 1_000 and len(again) == 10
+    reopened.compact_floor_bytes = 10_000
+    reopened.append([again.put("key0", "last")])
+    assert reopened.maybe_compact(again)
+    await reopened.close()
 
 
 async def test_appends_during_compaction_land_in_the_new_log(tmp_path: Path):
