@@ -28,6 +28,7 @@ import gc
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -42,15 +43,23 @@ from tools.loadgen import ConnectionPool  # noqa: E402
 from tools.study import percentile  # noqa: E402
 
 
-async def open_loop(url: str, rate: float, stop: asyncio.Event) -> list[float]:
-    """Writes at `rate`/s until `stop` is set; each one's latency (ms) from its schedule."""
-    latencies: list[float] = []
+@dataclass
+class Latencies:
+    client: list[float]  # ms, from each write's scheduled start
+    leader: list[float]  # ms, as the leader timed it
+
+
+async def open_loop(url: str, rate: float, stop: asyncio.Event) -> Latencies:
+    """Writes at `rate`/s until `stop` is set; each one's latency (ms) from its schedule, and
+    the leader's own `latency_ms` of each (from its handler's start to its answer)."""
+    latencies = Latencies([], [])
     async with ConnectionPool(url, 256) as pool:
 
         async def one(i: int, due: float) -> None:
             response = await pool.request("POST", "/keys?w=2", {"key": f"w{i % 500}", "value": i})
             if response.status == 200:
-                latencies.append((time.monotonic() - due) * 1000)
+                latencies.client.append((time.monotonic() - due) * 1000)
+                latencies.leader.append(response.json()["latency_ms"])
 
         await pool.warm(16)  # opened before the timetable starts, not timed as the store's
         tasks, start, i = [], time.monotonic(), 0
@@ -85,10 +94,17 @@ async def wait_quiet(client: httpx.AsyncClient, leader: str) -> None:
         await asyncio.sleep(0.2)  # polling other processes: there is no event to wait on
 
 
-def summary(name: str, ms: list[float], rate: float) -> str:
-    ms = sorted(ms)
-    return (f"  writes {name:>20}: {len(ms):>6} at {rate:g}/s  "
-            f"p50 {percentile(ms, 50):7.2f} p99 {percentile(ms, 99):8.2f} ms")  # fmt: skip
+def summary(name: str, ms: Latencies, rate: float, steady: Latencies | None = None) -> str:
+    client, leader = sorted(ms.client), sorted(ms.leader)
+    line = (
+        f"  writes {name:>20}: {len(client):>6} at {rate:g}/s  "
+        f"p50 {percentile(client, 50):7.2f} p99 {percentile(client, 99):8.2f} ms "
+        f"(leader's own p50 {percentile(leader, 50):5.2f} p99 {percentile(leader, 99):6.2f})"
+    )
+    if steady is not None:
+        ratio = percentile(client, 99) / percentile(sorted(steady.client), 99)
+        line += f"  {ratio:.1f}x the steady p99"
+    return line
 
 
 async def under_load(cluster: LocalCluster, args: argparse.Namespace) -> None:
@@ -133,12 +149,8 @@ async def under_load(cluster: LocalCluster, args: argparse.Namespace) -> None:
     print(f"snapshot catch-up: a follower restarted empty held all {count:,} keys {took:.1f} s "
           f"after it was ready (process start not included)")  # fmt: skip
     print(summary("steady", steady, args.rate))
-    for name, ms in (
-        ("during replay+re-read", during_reread),
-        ("during snapshot", during_snapshot),
-    ):
-        ratio = percentile(sorted(ms), 99) / percentile(sorted(steady), 99)
-        print(summary(name, ms, args.rate) + f"  ({ratio:.1f}x the steady p99)")
+    print(summary("during replay+re-read", during_reread, args.rate, steady))
+    print(summary("during snapshot", during_snapshot, args.rate, steady))
 
 
 def main() -> int:
