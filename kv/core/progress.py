@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from kv.core.catchup import CommonPrefix
 from kv.core.outbox import Outbox, Shipment, retry_backoff
 from kv.core.records import Entry
 
@@ -80,7 +81,8 @@ class FollowerProgress:
     * ``heartbeat_in_flight``: at most one heartbeat is on the wire, beside the data.
     * ``heartbeat_rtt``: the last heartbeat's round trip, in seconds.
     * ``follower_last_version``: the newest version the follower reported.
-    * counters ``delivered``, ``batches``, ``heartbeats``, ``resyncs``, ``pulls``.
+    * counters ``delivered``, ``batches``, ``heartbeats``, ``resyncs`` (and
+      ``resync_entries``, the entries they held), ``pulls``.
 
     Transitions: :meth:`sending`, :meth:`handle_success`, :meth:`handle_failure`,
     :meth:`handle_fenced` (the follower refused an older term),
@@ -120,6 +122,8 @@ class FollowerProgress:
         self.follower_last_version = 0
         self.snapshot_outstanding = 0
         self.resyncs = 0
+        self.resync_entries = 0
+        self._resyncs_at_pull = 0
         self.pulls = 0
         self.delivered = 0
         self.batches = 0
@@ -175,12 +179,14 @@ class FollowerProgress:
         self.outbox.add(shipment)
         return []
 
-    def resync(self, now: float) -> None:
-        """Queue the leader's whole store for this follower, ready at once."""
-        entries = self.snapshot()
+    def resync(self, now: float, entries: Sequence[Entry] | None = None) -> None:
+        """Queue the leader's whole store (or `entries` of it) for this follower, ready at once."""
+        if entries is None:
+            entries = self.snapshot()
         replaced = self.outbox.add_snapshot(entries, now)
         self.snapshot_outstanding += len(entries) - replaced
         self.resyncs += 1
+        self.resync_entries += len(entries)
 
     # -- the delivery loop -------------------------------------------------
 
@@ -303,15 +309,29 @@ class FollowerProgress:
         self.needs_pull = True
         self.merged_node_id = None
 
-    def handle_pulled(self, node_id: str, in_sync: bool, now: float) -> None:
-        """The follower's entries (of process `node_id`) are merged into the leader's store."""
+    def begin_pull(self) -> CommonPrefix:
+        """The caller reads the follower's entries now; it hands each page to the returned
+        prefix, which then says how much of the store the follower needs again."""
+        self._resyncs_at_pull = self.resyncs
+        return CommonPrefix(self.snapshot())
+
+    def handle_pulled(
+        self, node_id: str, in_sync: bool, now: float, prefix: CommonPrefix | None = None
+    ) -> None:
+        """The follower's entries (of process `node_id`) are merged into the leader's store.
+
+        If they differ from the leader's, the follower gets the leader's entries from the
+        first that differs on (`prefix`, read since :meth:`begin_pull`), or the whole store:
+        also when its queue overflowed during the read, since the writes dropped with it are
+        then in no suffix of a snapshot taken before them."""
         self.pulls += 1
         self.node_id = self.merged_node_id = node_id
         self.needs_pull = False
         self.consecutive_failures = 0
         self.last_error = None
         if not in_sync:
-            self.resync(now)
+            overflowed = self.resyncs != self._resyncs_at_pull
+            self.resync(now, None if prefix is None or overflowed else prefix.rest())
 
     def handle_pull_failure(self, now: float, error: str) -> float:
         """Reading its entries failed: back off, as for a failed batch."""

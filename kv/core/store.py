@@ -378,6 +378,17 @@ class StoreView(Sequence[Entry]):
         key = self._keys[index]
         return store._entry(key)
 
+    def holds_at(self, index: int, key: str, version: int) -> bool:
+        """Whether the `index`-th key of the view is `key`, held now at `version`."""
+        if self._keys[index] != key:
+            return False
+        record = self._store._records.get(key)
+        return record is not None and version_of(record) == version
+
+    def tail(self, start: int) -> StoreView:
+        """The view from its `start`-th key on."""
+        return StoreView(self._store, self._keys[start:], self.top)
+
     def __iter__(self) -> Iterator[Entry]:
         for start in range(0, len(self._keys), 1024):
             yield from self[start : start + 1024]

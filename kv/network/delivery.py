@@ -149,12 +149,14 @@ async def pull_entries(
     term: int | None = None,
     page_limit: int = PAGE_LIMIT,
     page_timeout: float = PAGE_TIMEOUT_S,
+    on_restart: Callable[[], None] | None = None,
 ) -> PulledFollower:
     """Read every entry a follower holds, page by page in version order.
 
     Each page has its own deadline, so a large store takes as long as it takes while a
     frozen follower is given up on within `page_timeout`. If the follower restarts
-    part-way (its node_id changes), reading starts again from the beginning.
+    part-way (its node_id changes), `on_restart` is called and reading starts again from
+    the first page (the pages merged so far were real entries, and stay merged).
     """
     after = 0
     node_id: str | None = None
@@ -164,7 +166,10 @@ async def pull_entries(
             client, after, page_limit, leader_id=leader_id, term=term, timeout=page_timeout
         )
         if node_id is not None and body["node_id"] != node_id:
-            after, digest, count = 0, 0, 0  # it restarted: what was read may be gone
+            after, digest, count, node_id = 0, 0, 0, None  # what was read may be gone
+            if on_restart is not None:
+                on_restart()
+            continue
         node_id = str(body["node_id"])
         entries: list[Entry] = body["entries"]
         on_page(entries)
@@ -309,14 +314,22 @@ class FollowerLink:
             await self._wakeup.wait()
 
     async def _pull(self) -> None:
-        """Read a late (or restarted) follower's entries into the leader, then resync it."""
+        """Read a late (or restarted) follower's entries into the leader, then resync it
+        with what it lacks."""
+        prefix = self.progress.begin_pull()
+
+        def on_page(entries: list[Entry]) -> None:
+            prefix.read(entries)  # before the merge, which may change what the leader holds
+            self.leader.merge(entries)
+
         try:
             pulled = await pull_entries(
                 self.client,
-                self.leader.merge,
+                on_page,
                 leader_id=self.leader.leader_id,
                 term=self.leader.term,
                 page_limit=LATE_PAGE_LIMIT,
+                on_restart=prefix.restart,
             )
         except Fenced as exc:
             self.leader.observe_term(exc.follower_term, foreign=True)  # then read it again
@@ -328,11 +341,13 @@ class FollowerLink:
         else:
             self.leader.observe_term(pulled.term)
             in_sync = self.leader.in_sync(pulled.fingerprint)
-            self.progress.handle_pulled(pulled.node_id, in_sync, self.clock())
+            self.progress.handle_pulled(pulled.node_id, in_sync, self.clock(), prefix)
             log.info(
                 "read %d entries from %s (node %s, term %d); %s",
                 pulled.entries, self.url, pulled.node_id[:8], pulled.term,
-                "it holds what the leader holds" if in_sync else "resyncing it with a snapshot",
+                "it holds what the leader holds" if in_sync else
+                f"resyncing it with {self.progress.outbox.snapshot_left} of the leader's entries, "
+                "from the first that differs on",
             )  # fmt: skip
         finally:
             self._pull_task = None
@@ -524,6 +539,7 @@ class Replicator:
                         leader_id=leader_id,
                         page_limit=page_limit,
                         page_timeout=page_timeout,
+                        on_restart=lambda: merge.abandon(link.url),
                     )
                 except (
                     Fenced,

@@ -121,6 +121,9 @@ class LeaderCollector(Collector):
             "resyncs": CounterMetricFamily(
                 "kv_follower_resyncs", "Snapshots of the store queued for it.", labels=labels
             ),
+            "resync_entries": CounterMetricFamily(
+                "kv_follower_resync_entries", "Entries those snapshots held.", labels=labels
+            ),
             "pulls": CounterMetricFamily(
                 "kv_follower_pulls", "Times its entries were read and merged.", labels=labels
             ),

@@ -161,6 +161,12 @@ class FollowerStatus(BaseModel):
         description="Snapshots sent: to a follower that lacked what the leader holds, after a "
         "restart or an overflowing queue."
     )
+    resync_entries: int = Field(
+        0,
+        description="Entries those snapshots held: the whole store after an overflowing queue "
+        "or a restart with an empty memory; from the first entry that differs on after a "
+        "restart with its DATA_DIR.",
+    )
     pulls: int = Field(
         description="Times the leader read this follower's entries before sending it anything "
         "(first contact, restart, or a conflict)."

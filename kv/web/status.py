@@ -47,6 +47,7 @@ def leader_health(node: LeaderNode) -> HealthResponse:
                 if link.progress.heartbeat_rtt is None
                 else round(link.progress.heartbeat_rtt * 1000, 3),
                 resyncs=link.progress.resyncs,
+                resync_entries=link.progress.resync_entries,
                 pulls=link.progress.pulls,
                 last_error=link.progress.last_error,
             )

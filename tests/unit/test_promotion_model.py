@@ -154,12 +154,14 @@ class PromotionModel(RuleBasedStateMachine):
             if isinstance(pulled, Refused):
                 core.observe_term(pulled.follower_term, foreign=True)
                 return
+            prefix = progress.begin_pull()
             for start in range(0, len(pulled), PAGE):
+                prefix.read(pulled[start : start + PAGE])
                 core.merge(pulled[start : start + PAGE])
             follower = self.nodes[i].follower
             assert follower is not None
             in_sync = core.in_sync(fingerprint(follower.store.entries()))
-            progress.handle_pulled(follower.node_id, in_sync, now)
+            progress.handle_pulled(follower.node_id, in_sync, now, prefix)
             return
         batch = progress.next_batch(now, 1)
         if batch is None:
