@@ -29,7 +29,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from rebuild import load, rss_mib  # noqa: E402  (beside this script)
+from rebuild import load, rss_mib, settled_rss_mib  # noqa: E402  (beside this script)
 from throughput import run_wrk  # noqa: E402
 
 from tools.cluster import HOST, LocalCluster, Node, free_port, wait_healthy  # noqa: E402
@@ -106,7 +106,7 @@ def memory_curve(logs: Path) -> None:
 
             asyncio.run(more(keys - loaded, loaded))
             loaded = keys
-            rss = rss_mib(follower.process.pid)
+            rss = settled_rss_mib(follower.process.pid)
             print(f"| {keys:,} | {rss:.0f} | {(rss - empty) * MIB / keys:,.0f} |")
     print("| 1,000,000 in Redis (published) | about 100 MB | about 100 |")
 

@@ -65,6 +65,18 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def settled_rss_mib(pid: int, still: float = 1.5, limit: float = 6.0) -> float:
+    """RSS once it has stopped falling for `still` seconds (at most `limit`): a follower gives
+    freed memory back a second after a bulk of entries (TrimAfterBulk), not as it ends."""
+    deadline = time.monotonic() + limit
+    low, since = rss_mib(pid), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < still:
+        time.sleep(0.25)
+        if (now := rss_mib(pid)) < low - 0.5:
+            low, since = now, time.monotonic()
+    return rss_mib(pid)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=1_000_000)
