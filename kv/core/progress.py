@@ -42,7 +42,8 @@ class FollowerState(StrEnum):
     DOWN = "down"
     """The last delivery failed; the outbox is retried after a backoff."""
     RESYNCING = "resyncing"
-    """A snapshot of the whole store is on its way, after a restart or a dropped backlog."""
+    """Its entries are being read, or a snapshot is on its way (of the whole store after a
+    dropped backlog, of what it lacks after a restart)."""
 
 
 HEARTBEAT_S = 0.5
