@@ -72,9 +72,12 @@ class FollowerProgress:
       when the follower confirmed it, or when it is replaced by a snapshot.
     * ``node_id``: the follower process last heard from (random per start).
     * ``merged_node_id``: the process whose entries the leader has read and
-      merged. Invariant: no data is sent to a process before its entries are
-      merged (``needs_pull`` holds while they differ), so a follower that holds
-      writes the leader lacks is never overwritten blindly.
+      merged. Invariant: no data is sent to a process known to be new before its
+      entries are merged (``needs_pull`` holds while they differ), so a follower
+      that holds writes the leader lacks is never overwritten blindly. A process
+      is known by its answer: a batch on its way when a follower restarts reaches
+      the new process first, which is harmless (apply-if-newer, and what it
+      already held is read and merged right after).
     * ``consecutive_failures`` / ``blocked_until``: failures in a row, and the end
       of the backoff they earned. Invariant: state is ``down`` iff failures > 0.
     * ``snapshot_outstanding``: snapshot entries queued or on the wire.
