@@ -307,8 +307,6 @@ class DurableLog:
         a million keys, or a bulk load, appends a log of new keys that a compaction would
         only copy, and compacting it at every doubling took a third of a follower's CPU
         while it took a snapshot (and held its event loop for up to a second each time)."""
-        if self.log_bytes < max(self.compact_floor_bytes, self.snapshot_bytes):
-            return False
         new_keys = len(store) - self.snapshot_records
         superseded = max(0, self.log_records - new_keys)
         garbage_bytes = self.log_bytes * superseded // max(1, self.log_records)
