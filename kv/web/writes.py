@@ -153,6 +153,23 @@ def why_missed(outcome: QuorumOutcome, reachable: int) -> WriteFailure | None:
     return WriteFailure.NOT_IN_TIME
 
 
+def missed_because(
+    outcome: QuorumOutcome, reachable: int, followers: int, max_queue: int
+) -> list[str]:
+    """Every cause of a missed quorum that holds, the deepest first: with every follower
+    frozen, the write that overflows their queues is missed because they are down, and
+    a reader should learn both, whichever of them the metric counts."""
+    causes = []
+    if reachable < outcome.required:
+        causes.append(f"only {reachable} of {followers} followers are reachable")
+    if overflowed := sum(1 for d in outcome.deliveries if d.error == OVERFLOWED):
+        causes.append(
+            f"{overflowed} follower(s) had failed to take MAX_REPLICATION_QUEUE={max_queue} "
+            "entries, so their queue was replaced by a snapshot resync"
+        )
+    return causes or ["not in time"]
+
+
 def write_response(
     entry: Entry,
     outcome: QuorumOutcome,
@@ -173,16 +190,7 @@ def write_response(
         headers[REPLAYED_HEADER] = "true"
     reports = [delivery_report(d) for d in outcome.deliveries]
     if failure is not None:
-        if failure is WriteFailure.OVERFLOW:
-            overflowed = sum(1 for d in outcome.deliveries if d.error == OVERFLOWED)
-            why = (
-                f"{overflowed} follower(s) had failed to take MAX_REPLICATION_QUEUE={max_queue} "
-                "entries, so their queue was replaced by a snapshot resync"
-            )
-        elif failure is WriteFailure.UNREACHABLE:
-            why = f"only {reachable} of {followers} followers are reachable"
-        else:
-            why = "not in time"
+        why = "; ".join(missed_because(outcome, reachable, followers, max_queue))
         message = (
             f"write quorum not reached: {outcome.acks} of {outcome.required} required "
             f"follower(s) confirmed ({why}); the write is applied on the leader as version "
