@@ -27,6 +27,8 @@ from tools.cluster import HOST, LocalCluster
 pytestmark = pytest.mark.timeout(240)
 
 SLOW_CONNECTIONS = 1000
+WRITES = 1000
+"""Timed writes before, and again while, the slow connections are open (about 1.5 s each)."""
 WATCH_MAX_PENDING = 1000
 CHANGE_FEED_ENTRIES = 1000
 FLOOR_MS = 2.0
@@ -122,12 +124,14 @@ def test_a_thousand_idle_or_slow_connections_do_not_slow_other_writes(cluster):
     raise_own_file_limit(SLOW_CONNECTIONS + 512)
     url, port = cluster.leader_url, cluster.nodes[0].port
     write_latencies_ms(url, 50, "warm/")
-    normal = p99(write_latencies_ms(url, 400, "normal/"))
+    # A thousand writes a side: the p99 is then the 10th slowest, so one pause of the shared
+    # 2-core machine (it once made a p99 of 400 writes 4.3 ms against 1.8) cannot decide it.
+    normal = p99(write_latencies_ms(url, WRITES, "normal/"))
     sockets = open_slow_connections(port, SLOW_CONNECTIONS)
     try:
-        during = write_latencies_ms(url, 200, "during-a/")
+        during = write_latencies_ms(url, WRITES // 2, "during-a/")
         alive = trickle(sockets)
-        during += write_latencies_ms(url, 200, "during-b/")
+        during += write_latencies_ms(url, WRITES // 2, "during-b/")
         under_abuse = p99(during)
     finally:
         for sock in sockets:
