@@ -142,11 +142,17 @@ def delivery_report(delivery: Delivery) -> dict[str, Any]:
     return report
 
 
+def overflowed(outcome: QuorumOutcome) -> int:
+    """Followers whose queue overflowed with this write (it reaches them in a snapshot)."""
+    return sum(1 for d in outcome.deliveries if d.error == OVERFLOWED)
+
+
 def why_missed(outcome: QuorumOutcome, reachable: int) -> WriteFailure | None:
-    """Why the quorum was missed, or None if it was reached."""
+    """Why the quorum was missed (the one reason the metrics count), or None if it was
+    reached."""
     if outcome.reached:
         return None
-    if any(d.error == OVERFLOWED for d in outcome.deliveries):
+    if overflowed(outcome):
         return WriteFailure.OVERFLOW
     if reachable < outcome.required:
         return WriteFailure.UNREACHABLE
@@ -162,9 +168,9 @@ def missed_because(
     causes = []
     if reachable < outcome.required:
         causes.append(f"only {reachable} of {followers} followers are reachable")
-    if overflowed := sum(1 for d in outcome.deliveries if d.error == OVERFLOWED):
+    if overflows := overflowed(outcome):
         causes.append(
-            f"{overflowed} follower(s) had failed to take MAX_REPLICATION_QUEUE={max_queue} "
+            f"{overflows} follower(s) had failed to take MAX_REPLICATION_QUEUE={max_queue} "
             "entries, so their queue was replaced by a snapshot resync"
         )
     return causes or ["not in time"]
