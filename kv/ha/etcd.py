@@ -5,6 +5,20 @@ rather than pulling in a gRPC client. The gateway's quirks are handled here: key
 values are base64, int64 fields come back as strings, and fields at their zero value
 (`succeeded: false`, an event's `type: PUT`) are left out.
 
+Errors come in the body: `{"error": "etcdserver: ...", "code": 5}` (with an HTTP status,
+or a 200 once a stream has begun, where it may be `{"error": {"grpc_code": ..}}`);
+streaming calls wrap their answer as `{"result": ...}`. An answer is never read without
+its `header`, which every real one carries, so an error or a stranger's body is never
+taken for a value. One quirk matters most: in 3.4 a keepalive of a lease etcd no longer
+has (expired, or never granted) answers 200 `{"result": {"header": .., "ID": ..}}`,
+with no TTL: that, and only that, means the lease expired.
+
+Which endpoint: the one that last answered. An endpoint that fails (no connection, no
+answer in time, a 5xx, an error body, a body that is not etcd's) is left for the next
+one, in this call and the next ones. An error that is etcd's own answer about the request
+(gRPC codes such as NotFound or InvalidArgument: a lease it does not have, a TTL too
+large) is :class:`EtcdRefused`: every member would say the same, so nothing is retried.
+
 Keys, under ETCD_PREFIX:
 
 * `<prefix>/leader`: JSON `{"name", "url", "term"}`, on the leader's lease;
@@ -20,7 +34,7 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -30,10 +44,28 @@ log = logging.getLogger("kvstore.ha")
 
 REQUEST_TIMEOUT_S = 1.0
 WATCH_RETRY_S = 0.2
+REFUSALS = {3: "InvalidArgument", 5: "NotFound", 6: "AlreadyExists", 7: "PermissionDenied"}
+REFUSALS |= {9: "FailedPrecondition", 11: "OutOfRange", 16: "Unauthenticated"}
+"""gRPC codes that are etcd's answer about the request itself, the same from any member."""
+NOT_FOUND = 5
+
+T = TypeVar("T")
 
 
 class EtcdError(Exception):
     """etcd did not answer, or answered with an error."""
+
+
+class EtcdRefused(EtcdError):
+    """etcd answered, and refused the request (a lease it does not have, a bad value)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Unanswered(Exception):
+    """One endpoint gave no usable answer: the next one is asked."""
 
 
 def b64(text: str) -> str:
@@ -51,7 +83,7 @@ def prefix_end(key: str) -> str:
 
 
 class Etcd:
-    """One node's connection to etcd: tries each endpoint in turn until one answers."""
+    """One node's connection to etcd: asks the endpoint that last answered, then the rest."""
 
     def __init__(
         self,
@@ -59,7 +91,9 @@ class Etcd:
         prefix: str,
         name: str,
         tls: ssl.SSLContext | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport`: what carries the requests, in place of sockets (tests fake etcd)."""
         self.endpoints = list(endpoints)
         self.prefix = prefix
         self.leader_key = f"{prefix}/leader"
@@ -72,70 +106,117 @@ class Etcd:
             trust_env=False,
             limits=httpx.Limits(max_connections=8),
             verify=tls or True,
+            transport=transport,
         )
 
     @property
     def where(self) -> str:
         return ", ".join(self.endpoints)
 
+    @property
+    def current(self) -> str:
+        """The endpoint the next call asks first."""
+        return self.endpoints[self._current % len(self.endpoints)]
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-        errors = []
+    def _failed(self, index: int) -> None:
+        """Endpoint `index` failed: the next call begins with the one after it."""
+        self._current = (index + 1) % len(self.endpoints)
+
+    async def _post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        timeout: float,
+        parse: Callable[[dict[str, Any]], T],
+    ) -> T:
+        """`parse` of the first usable answer to `path`, from each endpoint in turn.
+
+        `timeout` bounds each endpoint's answer. Raises EtcdRefused at once if etcd refuses
+        the request, EtcdError naming every endpoint and what it did if none answers."""
+        failures = []
+        first = self._current
         for attempt in range(len(self.endpoints)):
-            index = (self._current + attempt) % len(self.endpoints)
+            index = (first + attempt) % len(self.endpoints)
             endpoint = self.endpoints[index]
             try:
-                response = await self._client.post(f"{endpoint}{path}", json=body, timeout=timeout)
-            except httpx.TransportError as exc:
-                errors.append(f"{endpoint}: {describe(exc, timeout)}")
+                answer = await self._ask(endpoint, path, body, timeout)
+                value = parse(answer)
+            except Unanswered as exc:
+                failures.append(f"{endpoint}: {exc}")
+                self._failed(index)
+                continue
+            except (KeyError, TypeError, ValueError) as exc:
+                failures.append(f"{endpoint}: answered {json.dumps(answer)[:200]} ({exc!r})")
+                self._failed(index)
                 continue
             self._current = index
-            if response.status_code != 200:
-                raise EtcdError(f"etcd at {endpoint} answered {path} with {response.text[:200]}")
-            answer: dict[str, Any] = response.json()
-            return answer.get("result", answer)  # streaming calls wrap their answer
-        raise EtcdError(f"cannot reach etcd at {'; '.join(errors)}")
+            return value
+        raise EtcdError(f"cannot reach etcd at {'; '.join(failures)} (asking {path})")
+
+    async def _ask(
+        self, endpoint: str, path: str, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """One endpoint's answer to `path`, unwrapped from `result`."""
+        try:
+            response = await self._client.post(f"{endpoint}{path}", json=body, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise Unanswered(describe(exc, timeout)) from exc
+        return answer_of(endpoint, path, response.status_code, response.text)
 
     # -- leases ---------------------------------------------------------------------------
 
     async def grant(self, ttl: int) -> tuple[int, int]:
         """A new lease: its id and the TTL etcd granted."""
-        answer = await self._post("/v3/lease/grant", {"TTL": ttl}, REQUEST_TIMEOUT_S)
-        return int(answer["ID"]), int(answer["TTL"])
+
+        def granted(answer: dict[str, Any]) -> tuple[int, int]:
+            return int(answer["ID"]), int(answer["TTL"])
+
+        return await self._post("/v3/lease/grant", {"TTL": ttl}, REQUEST_TIMEOUT_S, granted)
 
     async def keepalive(self, lease: int, timeout: float = REQUEST_TIMEOUT_S) -> int:
-        """Renew `lease`; the TTL it now has, 0 if etcd no longer knows it (expired)."""
-        answer = await self._post("/v3/lease/keepalive", {"ID": str(lease)}, timeout)
-        return int(answer.get("TTL", 0))
+        """Renew `lease`; the TTL it now has, 0 if etcd no longer knows it (expired).
+
+        etcd 3.4 answers a lease it does not have with its header and the ID, no TTL
+        (checked against etcd 3.4.23): an answer that is not even that is an error."""
+
+        def renewed(answer: dict[str, Any]) -> int:
+            if int(answer["ID"]) != lease:
+                raise ValueError(f"the answer is about lease {answer['ID']}, not {lease}")
+            return max(0, int(answer.get("TTL", 0)))
+
+        return await self._post("/v3/lease/keepalive", {"ID": str(lease)}, timeout, renewed)
 
     async def revoke(self, lease: int, timeout: float = REQUEST_TIMEOUT_S) -> None:
-        """Drop `lease` and every key on it: the leader key disappears at once."""
+        """Drop `lease` and every key on it: the leader key disappears at once. A lease
+        etcd does not have (expired, or revoked already) is gone: that is success."""
         try:
-            await self._post("/v3/lease/revoke", {"ID": str(lease)}, timeout)
-        except EtcdError as exc:
-            if "not found" not in str(exc):
+            await self._post("/v3/lease/revoke", {"ID": str(lease)}, timeout, lambda _: None)
+        except EtcdRefused as exc:
+            if exc.code != NOT_FOUND:
                 raise
 
     # -- the cluster --------------------------------------------------------------------
 
     async def read(self) -> ClusterView:
         """The leader key and the term counter, in one range over the prefix."""
-        answer = await self._post(
-            "/v3/kv/range",
-            {"key": b64(self.leader_key), "range_end": prefix_end(self.prefix + "/")},
-            REQUEST_TIMEOUT_S,
-        )
-        leader: LeaderRecord | None = None
-        term, term_revision = 0, 0
-        for kv in answer.get("kvs", []):
-            key = unb64(kv["key"])
-            if key == self.leader_key:
-                leader = parse_leader(unb64(kv.get("value", "")), int(kv.get("lease", 0)))
-            elif key == self.term_key:
-                term, term_revision = int(unb64(kv.get("value", "")) or 0), int(kv["mod_revision"])
-        return ClusterView(leader, term, term_revision)
+
+        def view(answer: dict[str, Any]) -> ClusterView:
+            leader: LeaderRecord | None = None
+            term, term_revision = 0, 0
+            for kv in answer.get("kvs", []):
+                key = unb64(kv["key"])
+                if key == self.leader_key:
+                    leader = parse_leader(unb64(kv.get("value", "")), int(kv.get("lease", 0)))
+                elif key == self.term_key:
+                    term = int(unb64(kv.get("value", "")) or 0)
+                    term_revision = int(kv["mod_revision"])
+            return ClusterView(leader, term, term_revision)
+
+        body = {"key": b64(self.leader_key), "range_end": prefix_end(self.prefix + "/")}
+        return await self._post("/v3/kv/range", body, REQUEST_TIMEOUT_S, view)
 
     async def campaign(
         self, url: str, lease: int, view: ClusterView, floor: int
@@ -159,8 +240,8 @@ class Etcd:
             {"request_put": {"key": b64(self.term_key), "value": b64(str(term))}},
         ]
         body = {"compare": compare, "success": success, "failure": []}
-        answer = await self._post("/v3/kv/txn", body, REQUEST_TIMEOUT_S)
-        return record if answer.get("succeeded") else None
+        won = await self._post("/v3/kv/txn", body, REQUEST_TIMEOUT_S, succeeded)
+        return record if won else None
 
     async def raise_term(self, record: LeaderRecord, at_least: int) -> LeaderRecord:
         """While leading, move to a term of at least `at_least` (a peer has seen a term
@@ -189,44 +270,123 @@ class Etcd:
                     }
                 },
             ]
-            answer = await self._post(
-                "/v3/kv/txn",
-                {"compare": compare, "success": success, "failure": []},
-                REQUEST_TIMEOUT_S,
-            )
-            if answer.get("succeeded"):
+            body = {"compare": compare, "success": success, "failure": []}
+            if await self._post("/v3/kv/txn", body, REQUEST_TIMEOUT_S, succeeded):
                 return raised
         raise EtcdError("the term counter kept changing while raising it")
 
     async def watch(self, on_change: Callable[[], Awaitable[None] | None]) -> None:
-        """Call `on_change` whenever a key under the prefix changes; reconnect forever."""
+        """Call `on_change` whenever a key under the prefix changes; reconnect forever, to
+        the next endpoint after one that fails, and call it once reconnected too (changes
+        may have been missed meanwhile)."""
+        failures = 0
+
+        async def changed(created: bool) -> None:
+            nonlocal failures
+            if created:
+                if not failures:
+                    return
+                log.info("watching etcd at %s again", self.current)
+                failures = 0
+            result = on_change()
+            if result is not None:
+                await result
+
+        while True:
+            index = self._current % len(self.endpoints)
+            endpoint = self.endpoints[index]
+            try:
+                await self._watch_stream(endpoint, changed)
+                problem = "it ended the watch stream"
+            except (Unanswered, EtcdError) as exc:
+                problem = str(exc)
+            except httpx.HTTPError as exc:
+                problem = describe(exc, REQUEST_TIMEOUT_S)
+            failures += 1
+            self._failed(index)
+            if failures == 1:
+                log.warning(
+                    "watching etcd at %s failed (%s); trying %s", endpoint, problem, self.current
+                )
+            await asyncio.sleep(WATCH_RETRY_S)
+
+    async def _watch_stream(
+        self, endpoint: str, changed: Callable[[bool], Awaitable[None]]
+    ) -> None:
+        """Await `changed(True)` once the watch is set up, then `changed(False)` for each
+        change etcd reports under the prefix. Returns when the stream ends; raises
+        Unanswered, EtcdRefused or httpx's errors if it fails."""
+        path = "/v3/watch"
         body = {
             "create_request": {
                 "key": b64(self.prefix + "/"),
                 "range_end": prefix_end(self.prefix + "/"),
             }
         }
-        failures = 0
-        while True:
-            endpoint = self.endpoints[self._current % len(self.endpoints)]
-            try:
-                async with self._client.stream(
-                    "POST", f"{endpoint}/v3/watch", json=body, timeout=httpx.Timeout(1.0, read=None)
-                ) as response:
-                    async for line in response.aiter_lines():
-                        if '"events"' in line:
-                            failures = 0
-                            result = on_change()
-                            if result is not None:
-                                await result
-            except (httpx.HTTPError, ValueError) as exc:
-                failures += 1
-                if failures == 1:
-                    log.warning(
-                        "watching etcd at %s failed (%s); retrying", endpoint, describe(exc, 1.0)
-                    )
-                self._current += 1
-            await asyncio.sleep(WATCH_RETRY_S)
+        timeout = httpx.Timeout(REQUEST_TIMEOUT_S, read=None)
+        async with self._client.stream(
+            "POST", f"{endpoint}{path}", json=body, timeout=timeout
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                answer_of(endpoint, path, response.status_code, response.text)
+                raise Unanswered(f"answered HTTP {response.status_code}")
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                result = answer_of(endpoint, path, 200, line)
+                if result.get("canceled"):
+                    reason = result.get("cancel_reason") or "no reason given"
+                    raise Unanswered(f"cancelled the watch ({reason})")
+                if result.get("created"):
+                    await changed(True)
+                elif result.get("events"):
+                    await changed(False)
+
+
+def answer_of(endpoint: str, path: str, status: int, text: str) -> dict[str, Any]:
+    """etcd's answer in `text` (a response to `path` with HTTP `status`), unwrapped from
+    `result`. Raises EtcdRefused for etcd's refusal of the request itself, and Unanswered
+    for anything else that is not an answer: an error, a 5xx, a body not from etcd."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise Unanswered(f"answered HTTP {status} with {text.strip()[:200]!r}, not JSON")
+    error = body.get("error")
+    if error:
+        message, code = error_of(body)
+        name = REFUSALS.get(code) if code is not None else None
+        if name is not None:
+            assert code is not None
+            raise EtcdRefused(f"etcd at {endpoint} refused {path}: {message} ({name})", code)
+        raise Unanswered(f"answered HTTP {status} with an error: {message}")
+    if status != 200:
+        raise Unanswered(f"answered HTTP {status} with {text.strip()[:200]!r}")
+    result = body.get("result", body)
+    if not isinstance(result, dict) or "header" not in result:
+        raise Unanswered(f"answered {text.strip()[:200]!r}, which is not etcd's answer")
+    return result
+
+
+def error_of(body: dict[str, Any]) -> tuple[str, int | None]:
+    """The message and gRPC code of an error body, in either of the gateway's forms:
+    `{"error": "...", "code": 5}`, or in a stream `{"error": {"grpc_code": 5, ...}}`."""
+    error = body["error"]
+    code = body.get("code")
+    if isinstance(error, dict):
+        code = error.get("grpc_code", error.get("code", code))
+        error = error.get("message") or json.dumps(error)
+    try:
+        return str(error), int(code) if code is not None else None
+    except (TypeError, ValueError):
+        return str(error), None
+
+
+def succeeded(answer: dict[str, Any]) -> bool:
+    """A transaction's outcome (the gateway leaves `succeeded: false` out)."""
+    return bool(answer.get("succeeded", False))
 
 
 def leader_value(record: LeaderRecord) -> str:
