@@ -31,6 +31,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kv.core.records import Entry
 from kv.core.requests import RequestTable, RequestTag
@@ -42,6 +43,8 @@ log = logging.getLogger("kvstore.durability")
 SNAPSHOT = "snapshot.jsonl"
 REQUESTS = "requests.jsonl"
 TERM_FILE = "term.json"
+CLEAN_STOP = "clean-stop"
+"""Left by a node that closed its log, fsynced; removed at start-up. Absent: it crashed."""
 LOG_PREFIX = "log-"
 COMPACT_FLOOR_BYTES = 4 * 1024 * 1024
 BULK_RECORDS = 50_000
@@ -180,6 +183,8 @@ class DurableLog:
         self.log_records = 0  # records in the logs, which the snapshot does not hold
         self.snapshot_records = 0  # one a key, when it was written
         self.compactions = 0
+        self.complete = False
+        """Set by :meth:`recover`: whether every record appended before is back."""
 
     # -- start-up ------------------------------------------------------------
 
@@ -196,6 +201,9 @@ class DurableLog:
         each = each or entries.append
         dropped = 0
         files = 0
+        clean_stop = self.directory / CLEAN_STOP
+        stopped_cleanly = clean_stop.exists()
+        clean_stop.unlink(missing_ok=True)
         snapshot = self.directory / SNAPSHOT
         if snapshot.exists():
             self.snapshot_records, _ = read_file(snapshot, repair=False, each=each)
@@ -209,6 +217,12 @@ class DurableLog:
             self.log_bytes += path.stat().st_size
             self._log_seq = int(path.stem.removeprefix(LOG_PREFIX))
         self._open_next_log()
+        # Every record this node appended is back only if none was torn off and either each
+        # was fsynced before it was confirmed or the last process stopped cleanly. A new,
+        # empty directory may be a wiped one: it promises nothing either.
+        self.complete = (
+            files > 0 and dropped == 0 and (stopped_cleanly or self.policy == FsyncPolicy.ALWAYS)
+        )
         return Recovery(entries, files, dropped)
 
     def _open_next_log(self) -> None:
@@ -352,10 +366,11 @@ class DurableLog:
         if self._sync_task is not None:
             await asyncio.gather(self._sync_task, return_exceptions=True)
         if self._fd is not None:
-            if self.policy != FsyncPolicy.NO:
-                os.fsync(self._fd)
+            os.fsync(self._fd)  # whatever the policy: a clean stop promises every record
             os.close(self._fd)
             self._fd = None
+            (self.directory / CLEAN_STOP).touch()
+            self._fsync_directory()
         self._close_retired()
 
 
@@ -379,25 +394,44 @@ def restore(directory: Path, policy: FsyncPolicy, store: VersionedStore) -> Dura
 
 def load_term(directory: Path) -> tuple[int, str | None]:
     """The newest term recorded in `directory` and the leader that began it; (0, None) if none."""
-    path = directory / TERM_FILE
-    if not path.exists():
+    data = load_record(directory, TERM_FILE)
+    if data is None:
         return 0, None
     try:
-        data = json.loads(path.read_bytes())
         return int(data["term"]), data.get("leader_id")
     except (ValueError, KeyError, TypeError) as error:
+        path = directory / TERM_FILE
         raise CorruptLogError(f"{path}: unreadable term record ({error})") from None
 
 
 def save_term(directory: Path, term: int, leader_id: str | None) -> None:
     """Record a new term durably (whatever APPENDFSYNC says): a term is used only once on disk."""
+    save_record(directory, TERM_FILE, {"term": term, "leader_id": leader_id})
+
+
+def load_record(directory: Path, name: str) -> dict[str, Any] | None:
+    """A small JSON record kept beside the log (the term, an HA node's leases); None if absent."""
+    path = directory / name
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as error:
+        raise CorruptLogError(f"{path}: unreadable record ({error})") from None
+    if not isinstance(data, dict):
+        raise CorruptLogError(f"{path}: unreadable record (not a JSON object)")
+    return data
+
+
+def save_record(directory: Path, name: str, data: dict[str, Any]) -> None:
+    """Replace a small JSON record durably: written aside, fsynced, renamed, directory fsynced."""
     directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / (TERM_FILE + ".tmp")
+    temporary = directory / (name + ".tmp")
     with temporary.open("wb") as handle:
-        handle.write(json.dumps({"term": term, "leader_id": leader_id}).encode())
+        handle.write(json.dumps(data).encode())
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, directory / TERM_FILE)
+    os.replace(temporary, directory / name)
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -424,6 +458,12 @@ class Storage:
         if self.data_dir is not None:
             self.durable = restore(self.data_dir, self.policy, self.store)
             self.durable.start()
+
+    @property
+    def complete(self) -> bool:
+        """Whether this node came back with every entry it ever confirmed: a DATA_DIR whose
+        log lost nothing (see DurableLog.complete). Without DATA_DIR, never."""
+        return self.durable is not None and self.durable.complete
 
     def load_term(self) -> tuple[int, str | None]:
         """The term recorded in DATA_DIR; (0, None) without DATA_DIR."""
