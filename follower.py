@@ -21,7 +21,7 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client.registry import Collector
 from starlette.types import Scope
 
-from kv.follower.node import Refused
+from kv.follower.node import Refused, TermUnknown
 from kv.follower.service import FollowerService
 from kv.settings import FollowerSettings, load_settings
 from kv.storage.heap import freeze_startup_heap
@@ -144,6 +144,8 @@ async def apply_batch(node: FollowerService, body: ReplicateRequest) -> Response
     )
     if isinstance(outcome, Refused):
         return internal.refused(outcome)
+    if isinstance(outcome, TermUnknown):
+        return internal.term_unknown(outcome)
     return internal.confirmation(
         outcome, node.storage.store.last_version, node.term, node.core.node_id
     )
@@ -184,6 +186,8 @@ async def entries(
     page = node.read(after_version, limit, term, leader_id)
     if isinstance(page, Refused):
         return internal.refused(page)
+    if isinstance(page, TermUnknown):
+        return internal.term_unknown(page)
     store, lines = node.storage.store, format == "lines"
     return internal.page_body(page, store.last_version, node.term, node.core.node_id, lines)
 

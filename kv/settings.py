@@ -17,6 +17,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kv.core.access import Policy
+from kv.core.progress import HEARTBEAT_S
 from kv.web.access import OpenEndpoints
 
 
@@ -303,6 +304,9 @@ def option_from_argv(argv: list[str], option: str) -> str | None:
 
 ETCD_MIN_TTL_S = 2
 """etcd grants no lease under 2 s (a TTL of 1 is granted as 2)."""
+MIN_CHECK_QUORUM_MS = round(2 * HEARTBEAT_S * 1000)
+"""Twice the heartbeat period: a shorter check-quorum window would depose a leader whose
+idle followers answer every heartbeat."""
 
 
 class HASettings(NodeSettings):
@@ -331,6 +335,13 @@ class HASettings(NodeSettings):
     failover_priority: int = Field(1, ge=0, le=1000)
     # A follower that is behind waits this long per better-placed peer before it campaigns.
     campaign_delay_ms: float = Field(300, ge=0, le=60_000)
+    # Check-quorum: a leader that has not heard from WRITE_QUORUM followers for this long
+    # steps down. None: LEASE_TTL_S less LEASE_MARGIN_MS (1.5 s by default), as long as a
+    # leader cut off from etcd goes on; 0: never.
+    check_quorum_ms: float | None = Field(None, ge=0, le=600_000)
+    # A promoted node whose start-up read makes no progress (no page read, no term recorded
+    # on a follower) for this long releases its lease. None: twice LEASE_TTL_S.
+    startup_timeout_ms: float | None = Field(None, gt=0, le=600_000)
     write_quorum: int | None = Field(None, ge=0)
 
     @field_validator("cluster", mode="before")
@@ -387,7 +398,35 @@ class HASettings(NodeSettings):
                 f"LEASE_MARGIN_MS ({self.lease_margin_ms:g}) must be below LEASE_TTL_S "
                 f"({self.lease_ttl_s}) in ms"
             )
+        usable_ms = self.lease_ttl_s * 1000 - self.lease_margin_ms
+        if self.lease_renew_ms * 2 > usable_ms:
+            raise ValueError(
+                f"LEASE_RENEW_MS ({self.lease_renew_ms:g}) must be at most half of LEASE_TTL_S "
+                f"less LEASE_MARGIN_MS ({usable_ms:g} ms), so that a lost keepalive is tried "
+                "again before the leader's lease runs out"
+            )
+        if self.check_quorum_ms and self.check_quorum_ms < MIN_CHECK_QUORUM_MS:
+            raise ValueError(
+                f"CHECK_QUORUM_MS ({self.check_quorum_ms:g}) must be 0 (off) or at least "
+                f"{MIN_CHECK_QUORUM_MS} ms: an idle follower is heard from only every "
+                f"{HEARTBEAT_S * 1000:g} ms "
+                "(its heartbeat), so a shorter window would depose a healthy leader"
+            )
         return self
+
+    @property
+    def check_quorum_s(self) -> float:
+        """How long a leader may go without hearing from WRITE_QUORUM followers (0: forever)."""
+        if self.check_quorum_ms is None:
+            return (self.lease_ttl_s * 1000 - self.lease_margin_ms) / 1000
+        return self.check_quorum_ms / 1000
+
+    @property
+    def startup_timeout_s(self) -> float:
+        """How long a promoted node's start-up read may make no progress."""
+        if self.startup_timeout_ms is None:
+            return 2.0 * self.lease_ttl_s
+        return self.startup_timeout_ms / 1000
 
     @property
     def url(self) -> str:

@@ -84,6 +84,8 @@ class FollowerProgress:
     * ``batches_in_flight`` / ``entries_in_flight``: data batches on the wire.
     * ``heartbeat_in_flight``: at most one heartbeat is on the wire, beside the data.
     * ``heartbeat_rtt``: the last heartbeat's round trip, in seconds.
+    * ``last_heard``: when the follower last answered a batch, a heartbeat or a read of its
+      entries (what check-quorum counts, kv/core/contact.py).
     * ``follower_last_version``: the newest version the follower reported.
     * counters ``delivered``, ``batches``, ``heartbeats``, ``resyncs`` (and
       ``resync_entries``, the entries they held), ``pulls``.
@@ -118,6 +120,7 @@ class FollowerProgress:
         self.consecutive_failures = 0
         self.blocked_until = 0.0
         self.last_attempt = float("-inf")
+        self.last_heard = float("-inf")
         self.last_error: str | None = None
         self.node_id: str | None = None
         self.merged_node_id: str | None = None
@@ -268,6 +271,7 @@ class FollowerProgress:
         """Record a confirmed batch. Returns True if the follower was unreachable until now."""
         recovered = self.consecutive_failures > 0
         self._returned(batch)
+        self.last_heard = now
         self.consecutive_failures = 0
         self.last_error = None
         self.delivered += len(batch)
@@ -329,6 +333,7 @@ class FollowerProgress:
         also when its queue overflowed during the read, since the writes dropped with it are
         then in no suffix of a snapshot taken before them."""
         self.pulls += 1
+        self.last_heard = now
         self.node_id = self.merged_node_id = node_id
         self.needs_pull = False
         self.consecutive_failures = 0
@@ -349,6 +354,7 @@ class FollowerProgress:
         """Its entries were merged at the leader's start-up: no pull needed at first contact."""
         self.merged_node_id = node_id
         self.needs_pull = False
+        self.last_heard = now
         if not in_sync:
             self.resync(now)
 

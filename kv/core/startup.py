@@ -107,6 +107,9 @@ class StartupMerge:
         self.restamp: list[Entry] = []
         self.chosen_term: int | None = None
         self.claims: set[str] = set()
+        self.progressed_at = float("-inf")
+        """When the read last moved (a page merged, a follower finished or claimed), on the
+        reader's clock: how a stalled read is told from a slow one."""
         self._highest_term = 0
         self._fingerprints: dict[str, int] = {}
 
@@ -140,7 +143,8 @@ class StartupMerge:
     def finish(self, url: str, node_id: str, term: int, last_version: int) -> None:
         """Every page of `url` has been merged: it counts towards the quorum."""
         self.reports[url] = FollowerReport(node_id, self._fingerprints.pop(url, 0))
-        self._highest_term = max(self._highest_term, term)
+        if term != self.granted_term:  # the granted term is ours: the read itself fenced it
+            self._highest_term = max(self._highest_term, term)
         self.store.advance_to(last_version)
 
     # -- the decision ----------------------------------------------------------

@@ -24,6 +24,13 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
+class TermUnknown:
+    """Not yet: this follower does not know the current term, so it cannot fence (503)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Applied:
     applied: list[Entry]
     stale: int

@@ -10,7 +10,7 @@ from kv.core.records import Entry
 from kv.core.startup import TermFence
 from kv.core.stats import ApplyStats
 from kv.core.store import VersionedStore
-from kv.follower.node import Applied, FollowerCore, Page, Refused
+from kv.follower.node import Applied, FollowerCore, Page, Refused, TermUnknown
 from kv.settings import FollowerSettings
 from kv.storage.heap import TrimAfterBulk
 from kv.storage.state import NodeState, node_state
@@ -45,7 +45,10 @@ class FollowerService:
         shared: NodeState | None = None,
         fence: TermFence | None = None,
         election: Election | None = None,
+        learn_term: bool = False,
     ) -> None:
+        """`learn_term`: the fence was not kept (an HA node without DATA_DIR); batches and
+        reads wait (503) until :meth:`learn_term` is called with the term etcd knows."""
         self.settings = settings
         self.owns_storage = shared is None
         if shared is None:
@@ -55,6 +58,12 @@ class FollowerService:
         self.stats = ApplyStats()
         self.election = election
         self.trimmer = TrimAfterBulk()
+        self.term_unknown: str | None = (
+            "this follower restarted without DATA_DIR and has not yet learnt the current term "
+            "from etcd; it takes no batch until it has"
+            if learn_term
+            else None
+        )
 
     @property
     def store(self) -> VersionedStore:
@@ -78,6 +87,16 @@ class FollowerService:
     def term(self) -> int:
         return self.core.fence.term
 
+    def learn_term(self, term: int) -> None:
+        """The current term, from etcd: raise the fence to it, then take batches again. A
+        leader of an older term (one this process never heard of) is refused from now on."""
+        if self.term_unknown is None:
+            return
+        if term > self.core.fence.term:
+            self.core.fence.term, self.core.fence.leader_id = term, None
+        self.term_unknown = None
+        log.info("learnt term %d from etcd; taking batches", self.core.fence.term)
+
     def open(self) -> None:
         """Replay the log and the newest term seen, if there is a DATA_DIR."""
         if not self.owns_storage:
@@ -99,9 +118,11 @@ class FollowerService:
         entries: list[Entry],
         through: int | None = None,
         node_id: str | None = None,
-    ) -> Applied | Refused:
+    ) -> Applied | Refused | TermUnknown:
         """Apply a batch; answer only once what it changed is in the log (and on disk if
         APPENDFSYNC=always), so a confirmation survives this follower's crash."""
+        if self.term_unknown is not None:
+            return TermUnknown(self.term_unknown)
         outcome = self.core.handle_replicate(term, leader_id, entries, through, node_id)
         if isinstance(outcome, Refused):
             self.stats.refused_batches += 1
@@ -128,7 +149,9 @@ class FollowerService:
 
     def read(
         self, after_version: int, limit: int, term: int | None, leader_id: str | None
-    ) -> Page | Refused:
+    ) -> Page | Refused | TermUnknown:
+        if self.term_unknown is not None:
+            return TermUnknown(self.term_unknown)
         page = self.core.handle_read(after_version, limit, term, leader_id)
         if isinstance(page, Page) and page.term_changed:
             self._save_term()

@@ -8,6 +8,7 @@ follower campaigns first is :func:`campaign_delay`'s answer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -43,7 +44,7 @@ class Action(StrEnum):
     CAMPAIGN = "campaign"
     STEP_DOWN = "step_down"
     RELEASE = "release"
-    """The key names this node but not its lease: a previous incarnation's. Revoke it."""
+    """The key names this node on a lease it held before (recorded in DATA_DIR). Revoke it."""
     WAIT = "wait"
 
 
@@ -64,12 +65,19 @@ class Me:
     """The lease this process holds (granted by it), if any."""
     lease_valid: bool
     priority: int
+    cannot_lead: str | None = None
+    """Why this leader must step down though it holds the lease: it has not heard from its
+    write quorum for CHECK_QUORUM_MS, or its start-up read failed or stalled."""
+    earlier_leases: frozenset[int] = frozenset()
+    """Leases this node was granted before, by this process or (in DATA_DIR) an earlier one."""
 
 
 def decide(view: ClusterView | None, me: Me, etcd_error: str = "") -> Decision:
     """What to do, given etcd's view (None: etcd did not answer)."""
     if view is None:
         if me.role is Role.LEADER:
+            if me.lease_valid and me.cannot_lead:
+                return Decision(Action.STEP_DOWN, f"stepped down: {me.cannot_lead}")
             if me.lease_valid:
                 return Decision(
                     Action.LEAD,
@@ -84,19 +92,29 @@ def decide(view: ClusterView | None, me: Me, etcd_error: str = "") -> Decision:
     leader = view.leader
     if leader is not None and leader.name == me.name:
         if me.role is Role.LEADER and me.lease == leader.lease:
-            if me.lease_valid:
+            if not me.lease_valid:
                 return Decision(
-                    Action.LEAD, f"no action: I am {me.name}, the leader with the lease", leader
+                    Action.STEP_DOWN,
+                    "stepped down: my lease ran out before a keepalive was answered",
+                    leader,
                 )
+            if me.cannot_lead:
+                return Decision(Action.STEP_DOWN, f"stepped down: {me.cannot_lead}", leader)
             return Decision(
-                Action.STEP_DOWN,
-                "stepped down: my lease ran out before a keepalive was answered",
+                Action.LEAD, f"no action: I am {me.name}, the leader with the lease", leader
+            )
+        if leader.lease in me.earlier_leases:
+            return Decision(
+                Action.RELEASE,
+                f"revoked lease {leader.lease:x}, which {me.name} held before",
                 leader,
             )
+        # Revocation is by lease, never by name: another process may run as this node.
         return Decision(
-            Action.RELEASE,
-            f"revoked lease {leader.lease:x}, left by an earlier process of {me.name}",
-            leader,
+            Action.WAIT,
+            f"no action: the leader key names {me.name} on lease {leader.lease:x}, which this "
+            f"node never held (an earlier process without DATA_DIR, or another process named "
+            f"{me.name}); waiting for the lease to expire",
         )
     if leader is not None:
         if me.role is Role.LEADER:
@@ -126,14 +144,39 @@ class Candidate:
         return (self.applied_through, self.last_version, self.priority)
 
 
-def campaign_delay(me: Candidate, peers: list[Candidate], step_s: float) -> tuple[float, str]:
+def campaign_delay(
+    me: Candidate, peers: list[Candidate], step_s: float, unknown: Sequence[str] = ()
+) -> tuple[float, str]:
     """How long to wait before campaigning, and why: `step_s` for each peer that could lead
-    and is better placed (further applied, then more held, then a higher priority).
+    and is better placed (further applied, then more held, then a higher priority), and for
+    each peer that did not answer (`unknown`: it may be better placed, so it is never taken
+    for dead and passed over).
 
     The best candidate campaigns at once; one that is behind gives it time to win first,
     and campaigns anyway if it does not (it may have died since it answered).
     """
     better = sorted(p.name for p in peers if p.priority > 0 and p.rank() > me.rank())
-    if not better:
+    reasons = []
+    if better:
+        reasons.append(f"{', '.join(better)} {'is' if len(better) == 1 else 'are'} ahead")
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        reasons.append(f"{names} did not answer, so {'it' if len(unknown) == 1 else 'they'} may be")
+    if not reasons:
         return 0.0, "no better-placed peer"
-    return step_s * len(better), f"{', '.join(better)} {'is' if len(better) == 1 else 'are'} ahead"
+    return step_s * (len(better) + len(unknown)), "; ".join(reasons)
+
+
+def pre_vote(reached: Sequence[str], needed: int, peers: int) -> str | None:
+    """Raft's pre-vote, for a lease: None if this node may campaign, having just reached
+    `needed` of its `peers` (the peers its start-up read must read); otherwise why not.
+
+    A node that cannot reach enough peers would take the lease and then stall in its
+    start-up read, and no one could lead until the lease ran out; it leaves the election
+    to a node that can."""
+    if len(reached) >= needed:
+        return None
+    return (
+        f"not campaigning: reached {len(reached)} of {peers} peers, and a start-up read needs "
+        f"{needed}"
+    )

@@ -7,15 +7,19 @@ cycle (:func:`kv.ha.decide.decide`) every LEASE_RENEW_MS, and at once whenever e
 reports a change under ETCD_PREFIX:
 
 * **follow**: writes are redirected to the leader named in etcd;
-* **campaign**: the key is vacant. A follower that is behind waits CAMPAIGN_DELAY_MS per
-  better-placed peer, then creates the leader key on a new lease in one transaction that
-  also raises the term counter;
+* **campaign**: the key is vacant. A node that cannot reach the peers its start-up read
+  needs does not campaign (pre-vote). A follower that is behind waits CAMPAIGN_DELAY_MS per
+  better-placed peer, and per peer that did not answer, then creates the leader key on a
+  new lease in one transaction that also raises the term counter;
 * **promote**: leader.py's app starts on the store as it is, reads N - W peers (itself
-  the N-W+1th copy), records etcd's term on them, and only then takes writes;
+  the N-W+1th copy, unless its memory may have lost something: then N - W + 1), with
+  etcd's term, which fences each of them as it is read, and only then takes writes;
 * **lead**: a second task renews the lease every LEASE_RENEW_MS; writes are acknowledged
   only while the lease clock (kv/ha/lease.py) says so;
-* **step down**: the lease ran out, etcd named another leader, or a follower refused our
-  term. Writes stop at once; the node turns follower with the term it led.
+* **step down**: the lease ran out, etcd named another leader, a follower refused our
+  term, the leader has not heard from WRITE_QUORUM followers for CHECK_QUORUM_MS
+  (check-quorum), or its start-up read failed or stalled for STARTUP_TIMEOUT_MS. Writes
+  stop at once, the lease is revoked, and the node turns follower with the term it led.
 
 SIGTERM hands over: the leader stops acknowledging and revokes its lease before uvicorn
 drains its connections, so a successor is elected at once rather than after the TTL.
@@ -39,6 +43,7 @@ import leader
 from kv.core.records import term_of
 from kv.core.startup import TermFence
 from kv.follower.service import FollowerService
+from kv.ha.coordinator import Clock, Coordinator
 from kv.ha.decide import (
     Action,
     Candidate,
@@ -48,12 +53,14 @@ from kv.ha.decide import (
     Role,
     campaign_delay,
     decide,
+    pre_vote,
 )
 from kv.ha.etcd import Etcd, EtcdError
 from kv.ha.lease import LeaseClock
 from kv.leader.service import LeaderNode
 from kv.network.tls import client_context
-from kv.settings import HASettings
+from kv.settings import HASettings, promoted_startup_quorum
+from kv.storage.log import load_record, save_record
 from kv.storage.state import node_state
 from kv.web import ui
 from kv.web.auth import SECRET_HEADER
@@ -63,6 +70,9 @@ log = logging.getLogger("kvstore.ha")
 PEER_TIMEOUT_S = 0.25
 """How long a campaigning node waits for a peer to say how up to date it is."""
 ELECTIONS_KEPT = 50
+LEASES_FILE = "leases.json"
+"""In DATA_DIR: the leases this node was granted, so a restarted process revokes its own."""
+LEASES_KEPT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +90,30 @@ class Election:
 class HANode:
     """One node of an HA cluster; see the module docstring."""
 
-    def __init__(self, settings: HASettings) -> None:
+    def __init__(
+        self,
+        settings: HASettings,
+        coordinator: Coordinator | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        """`coordinator`: etcd unless given (tests pass kv.ha.coordinator's in-memory one)."""
         self.settings = settings
         self.name = str(settings.node_name)
         self.url = settings.url
+        self.clock = clock
         self.state = node_state(settings)
-        self.etcd = Etcd(
+        self.etcd: Coordinator = coordinator or Etcd(
             settings.etcd_endpoints, settings.etcd_prefix, self.name, client_context(settings)
         )
         self.lease = LeaseClock(settings.lease_margin_ms / 1000)
         self.lease_id: int | None = None
+        self.earlier_leases: list[int] = []
+        """Leases granted to this node (this process's, and DATA_DIR's record of earlier ones):
+        the only ones it ever revokes on finding the leader key names it."""
+        self.memory_vouched = False
+        """This process has held everything acknowledged so far: it led after a complete
+        start-up read, or a leader vouched for what it holds (applied_through > 0)."""
+        self.stepped_down_because: str | None = None
         self.stale_lease: int | None = None
         """A lease this node held when it could not revoke it: revoked once etcd answers."""
         self.leader_config = settings.leader_settings()
@@ -135,21 +159,33 @@ class HANode:
     def no_leader_reason(self) -> str:
         if self.etcd_error:
             return f"{self.etcd_error}: no leader can be elected until it answers; retry shortly"
-        return "no leader is known: an election is under way; retry shortly"
+        why = f"this node {self.stepped_down_because}; " if self.stepped_down_because else ""
+        return f"{why}no leader is known: an election is under way; retry shortly"
 
     @property
     def is_leader(self) -> bool:
-        return self.role is Role.LEADER and self.lease.valid(time.monotonic())
+        return self.role is Role.LEADER and self.lease.valid(self.clock())
 
     # -- life ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Replay the log, serve as a follower, and start the HA loop and etcd's watch."""
+        await self.open()
+        self._tasks = [
+            asyncio.create_task(self._cycle_loop(), name="ha-cycle"),
+            asyncio.create_task(self.etcd.watch(self._wake.set), name="ha-watch"),
+        ]
+
+    async def open(self) -> None:
+        """Replay the log and serve as a follower, with no loop yet (tests run the cycles)."""
         storage = self.state.storage
         storage.open()
         self.state.changes.start_at(storage.store.last_version, 0)
         term, leader_id = storage.load_term()
         self.term = term
+        if storage.data_dir is not None:
+            record = load_record(storage.data_dir, LEASES_FILE) or {}
+            self.earlier_leases = [int(lease) for lease in record.get("leases", [])]
         log.info(
             "HA node %s at %s; etcd at %s; write quorum %d of %d followers; lease %d s",
             self.name,
@@ -159,11 +195,8 @@ class HANode:
             len(self.settings.peers),
             self.settings.lease_ttl_s,
         )
-        await self._become_follower(TermFence(term, leader_id))
-        self._tasks = [
-            asyncio.create_task(self._cycle_loop(), name="ha-cycle"),
-            asyncio.create_task(self.etcd.watch(self._wake.set), name="ha-watch"),
-        ]
+        # Without DATA_DIR the fence starts empty: batches wait until etcd says the term.
+        await self._become_follower(TermFence(term, leader_id), learn_term=not storage.data_dir)
 
     def begin_hand_over(self) -> None:
         """SIGTERM: hand leadership over now, before uvicorn drains its connections."""
@@ -230,20 +263,30 @@ class HANode:
             return "revoked the lease this node held before etcd became unreachable"
         if view is not None:
             self._observe(view)
+            if self.follower_node is not None:
+                self.follower_node.learn_term(view.term)
         me = Me(
             self.name,
             self.role,
             self.lease_id,
-            self.lease.valid(time.monotonic()),
+            self.lease.valid(self.clock()),
             self.settings.failover_priority,
+            cannot_lead=self._cannot_lead(),
+            earlier_leases=frozenset(self.earlier_leases),
         )
         decision = decide(view, me, self.etcd_error or "")
         match decision.action:
-            case Action.LEAD | Action.WAIT:
+            case Action.LEAD:
                 if view is not None and view.leader is None:
+                    self.leader = None
+            case Action.WAIT:
+                # No leader, or a key naming this node on a lease it never held: no one to
+                # redirect writes to.
+                if view is not None and (view.leader is None or view.leader.name == self.name):
                     self.leader = None
             case Action.FOLLOW:
                 self.leader = decision.leader
+                self.stepped_down_because = None
             case Action.STEP_DOWN:
                 await self.step_down(decision.sentence, decision.leader)
             case Action.RELEASE:
@@ -261,7 +304,7 @@ class HANode:
 
     def _observe(self, view: ClusterView) -> None:
         """Note a change of leader (for /ha, the page and kv_leader_changes_total)."""
-        now = time.monotonic()
+        now = self.clock()
         record = view.leader
         self.term = max(self.term, view.term)
         if record is None:
@@ -280,7 +323,21 @@ class HANode:
 
     async def campaign(self, view: ClusterView) -> str:
         self.leader = None
-        delay, why = await self._campaign_delay()
+        me, answers = await self._ask_peers()
+        reached = [a.name for a in answers.values() if a is not None]
+        refusal = pre_vote(reached, self.startup_reads(), len(self.settings.peers))
+        if refusal is not None:
+            return refusal
+        # The node that led last is not waited for: it lost the key, and if it is alive
+        # but cut off, it does not campaign either (pre-vote).
+        former = self.elections[-1].leader if self.elections else None
+        unknown = [name for name, a in answers.items() if a is None and name != former]
+        delay, why = campaign_delay(
+            me,
+            [a for a in answers.values() if a is not None],
+            self.settings.campaign_delay_ms / 1000,
+            unknown,
+        )
         if delay:
             await asyncio.sleep(delay)
             try:
@@ -291,12 +348,13 @@ class HANode:
                 self.leader = view.leader
                 self._observe(view)
                 return f"waited {delay:.2f} s ({why}); {view.leader.name} leads"
-        sent = time.monotonic()
+        sent = self.clock()
         try:
             lease, ttl = await self.etcd.grant(self.settings.lease_ttl_s)
         except EtcdError as exc:
             self.etcd_errors["grant"] += 1
             return f"could not campaign: {exc}"
+        self._remember_lease(lease)
         try:
             record = await self.etcd.campaign(self.url, lease, view, self._term_floor())
         except EtcdError as exc:
@@ -319,8 +377,9 @@ class HANode:
         waited = f", after waiting {delay:.2f} s ({why})" if delay else ""
         return f"promoted self to leader by acquiring the leader key in term {record.term}{waited}"
 
-    async def _campaign_delay(self) -> tuple[float, str]:
-        """Ask every peer how up to date it is (GET /ha), and wait for the better ones."""
+    async def _ask_peers(self) -> tuple[Candidate, dict[str, Candidate | None]]:
+        """This node as a candidate, and what every peer says of itself (GET /ha): None for a
+        peer that did not answer in PEER_TIMEOUT_S (dead, frozen, starting or cut off)."""
         store = self.state.storage.store
         applied = 0 if self.follower_node is None else self.follower_node.applied_through
         me = Candidate(self.name, applied, store.last_version, self.settings.failover_priority)
@@ -335,12 +394,36 @@ class HANode:
                     int(body["failover_priority"]),
                 )
             except (httpx.HTTPError, ValueError, KeyError, TypeError):
-                return None  # dead, frozen or starting: it cannot lead now either
+                return None
 
-        answers = await asyncio.gather(*(ask(url) for url in self.settings.peers.values()))
-        return campaign_delay(
-            me, [a for a in answers if a is not None], self.settings.campaign_delay_ms / 1000
-        )
+        peers = self.settings.peers
+        answers = await asyncio.gather(*(ask(url) for url in peers.values()))
+        return me, dict(zip(peers, answers, strict=True))
+
+    def startup_reads(self) -> int:
+        """The peers this node's start-up read needs if it is promoted now: N - W, and one
+        more when its own memory may lack something it confirmed (no DATA_DIR, or a log
+        that came back short), since it then cannot count as a copy itself."""
+        peers, quorum = len(self.settings.peers), self.leader_config.quorum
+        reads = promoted_startup_quorum(peers, quorum)
+        if not self.memory_complete:
+            reads = min(reads + 1, max(peers - 1, 0))
+        return reads
+
+    @property
+    def memory_complete(self) -> bool:
+        """Whether this node holds everything it ever confirmed, so it counts as one copy."""
+        if self.state.storage.complete or self.memory_vouched:
+            return True
+        follower = self.follower_node
+        return follower is not None and follower.applied_through > 0
+
+    def _remember_lease(self, lease: int) -> None:
+        """Record a granted lease, durably with DATA_DIR, before it can carry the key."""
+        self.earlier_leases = [*self.earlier_leases, lease][-LEASES_KEPT:]
+        data_dir = self.state.storage.data_dir
+        if data_dir is not None:
+            save_record(data_dir, LEASES_FILE, {"leases": self.earlier_leases})
 
     def _term_floor(self) -> int:
         """The highest term this node has seen: the campaign's term goes above it too."""
@@ -359,8 +442,16 @@ class HANode:
     # -- roles ----------------------------------------------------------------------------
 
     async def _promote(self, record: LeaderRecord) -> None:
+        reads = self.startup_reads()
+        if reads != self.leader_config.startup_quorum:
+            log.info(
+                "this node may lack entries it confirmed (no DATA_DIR, or its log came back "
+                "short), so it does not count itself: its start-up read needs %d peers",
+                reads,
+            )
+        config = self.leader_config.model_copy(update={"startup_quorum": reads})
         node = LeaderNode(
-            self.leader_config,
+            config,
             shared=self.state,
             authority=self.lease,
             granted_term=record.term,
@@ -368,15 +459,19 @@ class HANode:
             deposed=self._deposed,
             url=self.url,
         )
-        app = leader.create_app(
-            self.leader_config, node=node, routers=self.routers, collectors=self.collectors
-        )
+        app = leader.create_app(config, node=node, routers=self.routers, collectors=self.collectors)
         self.leader_node, self.follower_node = node, None
         await self._switch(app, Role.LEADER)
         self._keeper = asyncio.create_task(self._keep_lease(), name="ha-lease")
 
-    async def _become_follower(self, fence: TermFence) -> None:
-        node = FollowerService(self.follower_config, shared=self.state, fence=fence, election=self)
+    async def _become_follower(self, fence: TermFence, learn_term: bool = False) -> None:
+        node = FollowerService(
+            self.follower_config,
+            shared=self.state,
+            fence=fence,
+            election=self,
+            learn_term=learn_term,
+        )
         app = follower.create_app(
             self.follower_config,
             node=node,
@@ -398,6 +493,15 @@ class HANode:
             if previous is not None:
                 await previous.aclose()
 
+    def _cannot_lead(self) -> str | None:
+        """Why this leader must give the lease up though it holds it (see LeaderNode)."""
+        node = self.leader_node
+        if node is None or self.role is not Role.LEADER:
+            return None
+        return node.cannot_lead(
+            time.monotonic(), self.settings.check_quorum_s, self.settings.startup_timeout_s
+        )
+
     def _deposed(self, term: int) -> None:
         """A follower refused our term: a newer leader has begun term `term`."""
         self.lease.lose(f"a newer leader has begun term {term}")
@@ -409,6 +513,9 @@ class HANode:
             return
         node = self.leader_node
         self.lease.lose(self.etcd_error or reason)
+        self.stepped_down_because = reason
+        if node is not None and node.ready:
+            self.memory_vouched = True  # it held everything acknowledged until now
         await self._release_lease(timeout=0.3)
         # A key that still names this node (its lease ran out) is no leader to redirect to.
         self.leader = successor if successor is not None and successor.name != self.name else None
@@ -447,7 +554,7 @@ class HANode:
         delay = interval
         while self.lease_id is not None:
             await asyncio.sleep(delay)
-            sent = time.monotonic()
+            sent = self.clock()
             try:
                 ttl = await self.etcd.keepalive(
                     self.lease_id, timeout=max(0.05, min(1.0, self.lease.remaining(sent)))
@@ -456,7 +563,7 @@ class HANode:
                 self.etcd_errors["keepalive"] += 1
                 self.etcd_error = str(exc)
                 self.lease.lost_reason = str(exc)
-                if not self.lease.valid(time.monotonic()):
+                if not self.lease.valid(self.clock()):
                     self._wake.set()  # the cycle steps down
                 delay = min(interval, 0.1)
                 continue
@@ -471,7 +578,7 @@ class HANode:
 
     def status(self) -> dict[str, Any]:
         """What `GET /ha` shows: this node, who leads, the lease, and recent elections."""
-        now = time.monotonic()
+        now = self.clock()
         store = self.state.storage.store
         applied = (
             store.last_version if self.follower_node is None else self.follower_node.applied_through

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import httpx
 
+from kv.core.contact import quorum_lost
 from kv.core.outbox import DelayModel
 from kv.core.progress import FollowerProgress
 from kv.core.records import Entry
@@ -90,6 +91,9 @@ class LeaderNode(LeaderCore):
         self.replicator = Replicator([])
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
+        self.ready_at: float | None = None
+        self.startup_error: str | None = None
+        """Why the start-up read ended without making this leader ready (an exception)."""
         self.write_stats = WriteStats()
         # Watchers of confirmations (the /ui page); nobody watching costs one check.
         self.delivery_watchers: list[Callable[[Delivery, Entry], None]] = []
@@ -115,6 +119,17 @@ class LeaderNode(LeaderCore):
             for url in self.settings.followers
         ]
         self._startup_task = asyncio.create_task(self._start_up(), name="leader-start-up")
+        self._startup_task.add_done_callback(self._started_up)
+
+    def _started_up(self, task: asyncio.Task[None]) -> None:
+        """An exception in the start-up read is logged and kept (an elected leader steps down
+        on it, see :meth:`cannot_lead`), never left in a task nobody awaits."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        self.startup_error = f"{type(error).__name__}: {error}"
+        log.error("the start-up read failed; this leader will never take writes",
+                  exc_info=error)  # fmt: skip
 
     def _log_configuration(self) -> None:
         settings, n = self.settings, len(self.settings.followers)
@@ -159,7 +174,8 @@ class LeaderNode(LeaderCore):
             if link.url in reports:
                 node_id, in_sync = reports[link.url]
                 link.progress.adopt(node_id, in_sync, now)
-        self.ready_after_s = time.monotonic() - self.started_at
+        self.ready_at = time.monotonic()
+        self.ready_after_s = self.ready_at - self.started_at
         self.replicator.start()
         log.info(
             "ready in %.2f s: read %d of %d followers (STARTUP_QUORUM %d), took %d newer "
@@ -198,6 +214,27 @@ class LeaderNode(LeaderCore):
         if self.authority is None:
             return None
         return self.authority.refusal(time.monotonic())
+
+    def cannot_lead(
+        self, now: float, check_quorum_s: float, startup_timeout_s: float
+    ) -> str | None:
+        """Why an elected leader must step down though it holds the lease, or None.
+
+        Before it is ready: its start-up read failed, or made no progress (no page read, no
+        term recorded) for `startup_timeout_s`. After: check-quorum (kv/core/contact.py),
+        it has not heard from WRITE_QUORUM followers for `check_quorum_s`."""
+        if self.startup_error is not None:
+            return f"the start-up read failed ({self.startup_error})"
+        if self.ready_at is None:
+            stalled = now - max(self.started_at, self.startup.progressed_at)
+            if stalled <= startup_timeout_s:
+                return None
+            return (
+                f"the start-up read made no progress for {stalled:.1f} s (STARTUP_TIMEOUT_MS): "
+                f"{self.startup.waiting_reason(len(self.settings.followers))}"
+            )
+        heard = [link.progress.last_heard for link in self.replicator.links]
+        return quorum_lost(heard, self.settings.quorum, now, check_quorum_s, self.ready_at)
 
     def primary_reason(self) -> str | None:
         """Why this node is not the primary HAProxy should send writes to; None if it is."""

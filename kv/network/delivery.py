@@ -27,7 +27,7 @@ import orjson
 from kv.core.outbox import DelayModel, Shipment, encode_batch, quorum_reached, retry_backoff
 from kv.core.progress import Confirmation, FollowerProgress, FollowerState
 from kv.core.records import Entry
-from kv.core.startup import StartupMerge
+from kv.core.startup import StartupMerge, TermTooLowError
 from kv.core.store import fingerprint
 from kv.network.transport import KeepAliveTransport
 from kv.web.auth import SECRET_HEADER
@@ -528,7 +528,7 @@ class Replicator:
         progress: dict[str, float] = {}
 
         def merge_page(url: str, page: list[Entry]) -> None:
-            progress[url] = time.monotonic()
+            progress[url] = merge.progressed_at = time.monotonic()
             merge.merge_page(url, page)
 
         async def read(link: FollowerLink) -> None:
@@ -540,6 +540,7 @@ class Replicator:
                         link.client,
                         lambda page: merge_page(link.url, page),
                         leader_id=leader_id,
+                        term=merge.granted_term,  # known already when elected: it fences
                         page_limit=page_limit,
                         page_timeout=page_timeout,
                         on_restart=lambda: merge.abandon(link.url),
@@ -553,6 +554,11 @@ class Replicator:
                     TypeError,
                 ) as exc:
                     merge.abandon(link.url)
+                    if isinstance(exc, Fenced):
+                        merge.observe(exc.follower_term)
+                        granted = merge.granted_term
+                        if granted is not None and exc.follower_term >= granted:
+                            raise TermTooLowError(granted, merge.new_term()) from exc
                     failures += 1
                     log.log(
                         logging.WARNING if failures in (1, 10) else logging.DEBUG,
@@ -562,6 +568,7 @@ class Replicator:
                     await asyncio.sleep(retry_backoff(failures))
                     continue
                 merge.finish(link.url, pulled.node_id, pulled.term, pulled.last_version)
+                merge.progressed_at = time.monotonic()
                 log.info(
                     "start-up: read %d entries from %s (term %d); %d of %d needed",
                     pulled.entries, link.url, pulled.term, merge.heard, merge.quorum,
@@ -574,6 +581,7 @@ class Replicator:
                     link.client, 0, 1, leader_id=leader_id, term=term, timeout=page_timeout
                 )
                 merge.claimed(link.url, term)
+                merge.progressed_at = time.monotonic()
             except Fenced as exc:
                 merge.observe(exc.follower_term)
                 merge.forget(link.url)
@@ -606,6 +614,8 @@ class Replicator:
                     )
                     for task in done:
                         del tasks[task]
+                        if (error := task.exception()) is not None:
+                            raise error  # a newer term is needed (TermTooLowError)
             finally:
                 for task in tasks:
                     task.cancel()

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from kv.core.records import Entry
 from kv.core.requests import RequestTag
-from kv.follower.node import Applied, Page, Refused
+from kv.follower.node import Applied, Page, Refused, TermUnknown
 from kv.follower.service import FollowerService
 from kv.web.auth import SECRET_HEADER
 from kv.web.schemas import (
@@ -35,9 +35,17 @@ SECRET_PARAMETER = {
 UNAUTHORISED: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong secret."}
 }
+TERM_UNKNOWN: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorResponse,
+        "description": "An HA follower restarted without DATA_DIR has not yet learnt the "
+        "current term from etcd; the leader retries.",
+    }
+}
 REPLICATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **UNAUTHORISED,
     409: {"model": TermConflict, "description": "The batch comes from an older term."},
+    **TERM_UNKNOWN,
 }
 ENTRIES_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -47,6 +55,7 @@ ENTRIES_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     **UNAUTHORISED,
     409: {"model": TermConflict, "description": "The reader's term is older."},
+    **TERM_UNKNOWN,
 }
 REJECTED_WRITE: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorResponse, "description": "Followers accept no writes (fixed leader)."},
@@ -73,6 +82,10 @@ def refused(refusal: Refused) -> JSONResponse:
         error=refusal.reason, follower_term=refusal.follower_term, batch_term=refusal.batch_term
     )
     return JSONResponse(conflict.model_dump(), status_code=409)
+
+
+def term_unknown(outcome: TermUnknown) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=outcome.reason).model_dump(), status_code=503)
 
 
 def confirmation(outcome: Applied, last_version: int, term: int, node_id: str) -> Response:

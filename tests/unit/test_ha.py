@@ -21,6 +21,7 @@ from kv.ha.decide import (
     Role,
     campaign_delay,
     decide,
+    pre_vote,
 )
 from kv.ha.lease import LeaseClock
 from kv.leader.node import LeaderCore
@@ -81,10 +82,29 @@ def test_a_follower_cut_off_from_etcd_waits() -> None:
     assert decision.action is Action.WAIT and "no election" in decision.sentence
 
 
-def test_a_key_left_by_an_earlier_process_of_this_node_is_released() -> None:
-    # Restarted: etcd still names this node, on a lease this process never held.
-    assert decide(ClusterView(N1, 4), me()).action is Action.RELEASE
-    assert decide(ClusterView(N1, 4), me(Role.LEADER, lease=8, valid=True)).action is Action.RELEASE
+def test_a_key_on_a_lease_this_node_held_before_is_released() -> None:
+    # Restarted with DATA_DIR: etcd still names this node, on a lease it recorded there.
+    earlier = Me("n1", Role.FOLLOWER, None, False, 1, earlier_leases=frozenset({7}))
+    assert decide(ClusterView(N1, 4), earlier).action is Action.RELEASE
+    leading = Me("n1", Role.LEADER, 8, True, 1, earlier_leases=frozenset({7, 8}))
+    assert decide(ClusterView(N1, 4), leading).action is Action.RELEASE
+
+
+def test_revocation_is_by_lease_never_by_name() -> None:
+    # The key names this node on a lease it never held: another process named n1, or an
+    # earlier one without DATA_DIR. Wait for it to expire; never revoke it.
+    decision = decide(ClusterView(N1, 4), me())
+    assert decision.action is Action.WAIT and "never held" in decision.sentence
+    decision = decide(ClusterView(N1, 4), me(Role.LEADER, lease=8, valid=True))
+    assert decision.action is Action.WAIT
+
+
+def test_check_quorum_steps_a_leader_down_though_it_holds_the_lease() -> None:
+    lost = "check-quorum: heard from only 0 of the 2 followers WRITE_QUORUM needs"
+    leading = Me("n1", Role.LEADER, 7, True, 1, cannot_lead=lost)
+    decision = decide(ClusterView(N1, 4), leading)
+    assert decision.action is Action.STEP_DOWN and decision.sentence == f"stepped down: {lost}"
+    assert decide(None, leading, "cannot reach etcd at x").action is Action.STEP_DOWN
 
 
 # -- who campaigns first ----------------------------------------------------------------------
@@ -98,6 +118,21 @@ def test_the_most_up_to_date_candidate_campaigns_at_once_and_the_others_wait() -
     assert campaign_delay(lagging, [current, behind], 0.3) == (0.3, "a is ahead")
     delay, why = campaign_delay(behind, [current, lagging], 0.3)
     assert delay == pytest.approx(0.6) and why == "a, b are ahead"
+
+
+def test_a_peer_that_did_not_answer_is_waited_for_not_taken_for_dead() -> None:
+    mine = Candidate("a", 5, 5, 1)
+    delay, why = campaign_delay(mine, [Candidate("b", 1, 1, 1)], 0.3, unknown=["c"])
+    assert delay == pytest.approx(0.3) and why == "c did not answer, so it may be"
+    delay, why = campaign_delay(mine, [Candidate("b", 9, 9, 1)], 0.3, unknown=["d", "c"])
+    assert delay == pytest.approx(0.9) and why == "b is ahead; c, d did not answer, so they may be"
+
+
+def test_pre_vote_refuses_a_node_that_cannot_reach_its_start_up_read() -> None:
+    assert pre_vote(["b", "c"], 2, 5) is None
+    assert pre_vote([], 0, 1) is None  # two nodes: the survivor reads no one
+    refusal = pre_vote(["b"], 2, 5)
+    assert refusal == "not campaigning: reached 1 of 5 peers, and a start-up read needs 2"
 
 
 def test_priority_breaks_ties_and_zero_never_counts() -> None:
@@ -225,9 +260,31 @@ def test_the_cluster_and_endpoints_parse() -> None:
         ({"write_quorum": 3}, "WRITE_QUORUM is 3"),
         ({"lease_ttl_s": 1}, "greater than or equal to 2"),
         ({"lease_margin_ms": 2000}, "LEASE_MARGIN_MS"),
+        ({"lease_renew_ms": 800}, "LEASE_RENEW_MS (800) must be at most half"),
+        ({"lease_ttl_s": 3, "lease_renew_ms": 1300}, "LEASE_RENEW_MS (1300)"),
+        ({"check_quorum_ms": 400}, "CHECK_QUORUM_MS (400) must be 0 (off) or at least 1000"),
+        ({"startup_timeout_ms": 0}, "greater than 0"),
     ],
 )
 def test_bad_settings_are_refused_with_a_reason(change: dict, message: str) -> None:
     with pytest.raises(ValidationError) as raised:
         HASettings(**(GOOD | change))
     assert message in str(raised.value)
+
+
+def test_check_quorum_and_the_start_up_deadline_derive_from_the_lease() -> None:
+    settings = HASettings(**GOOD)
+    assert settings.check_quorum_s == pytest.approx(1.5)  # TTL 2 s less the 500 ms margin
+    assert settings.startup_timeout_s == pytest.approx(4.0)
+    assert HASettings(**GOOD, lease_ttl_s=5).check_quorum_s == pytest.approx(4.5)
+    assert HASettings(**GOOD, check_quorum_ms=0).check_quorum_s == 0  # off
+    assert HASettings(**GOOD, lease_renew_ms=750).lease_renew_ms == 750  # half of 1.5 s
+
+
+def test_a_follower_fenced_by_the_read_itself_does_not_make_the_granted_term_too_low() -> None:
+    # An elected leader reads with its granted term, so each follower reports that term back.
+    store = VersionedStore()
+    merge = StartupMerge(store, quorum=1, granted_term=7)
+    merge.merge_page("f", [])
+    merge.finish("f", "node", 7, 0)
+    assert merge.choose_term() == 7
