@@ -10,6 +10,10 @@ a client that reconnects with `Last-Event-ID` (browsers do it by themselves) or
   key's newest entry above it (intermediate versions are gone), then the live feed;
 * `overflow`: this client fell `WATCH_MAX_PENDING` entries behind and is cut off; reconnect
   with the last id received;
+* `shutdown`: the node is stopping (SIGTERM), and the stream ends; reconnect, to another
+  node or to this one once it is back, with the last id received. Ending the streams is
+  what lets the node exit: a stream whose client takes not even this event within
+  kv/web/drain.py's deadline is cut;
 * a comment line every 15 s keeps idle connections open through proxies.
 """
 
@@ -28,6 +32,7 @@ from kv.core.records import Entry
 from kv.core.store import VersionedStore
 from kv.web.access import grant_of
 from kv.web.consistency import LAST_VERSION_HEADER, ReadableNode
+from kv.web.drain import Drain, DrainedStream
 
 MAX_PENDING = 10_000
 """Entries buffered for one client before it is cut off: a slow reader never costs more."""
@@ -55,20 +60,28 @@ def sse_event(kind: str, data: dict[str, Any]) -> bytes:
 
 
 class Subscription:
-    """One client's queue of released entries, bounded: past `limit` it is cut off."""
+    """One client's queue of released entries, bounded: past `limit` it is cut off. None in
+    the queue wakes its reader to see `stopping`: the node is stopping, end the stream."""
 
     def __init__(self, wanted: Filter, limit: int = MAX_PENDING) -> None:
         self.wanted = wanted
-        self.queue: asyncio.Queue[Entry] = asyncio.Queue(limit)
+        self.limit = limit
+        self.queue: asyncio.Queue[Entry | None] = asyncio.Queue()
         self.overflowed = False
+        self.stopping: str | None = None
 
     def __call__(self, entry: Entry) -> None:
         if self.overflowed or not self.wanted(entry):
             return
-        try:
-            self.queue.put_nowait(entry)
-        except asyncio.QueueFull:
+        if self.queue.qsize() >= self.limit:
             self.overflowed = True
+            return
+        self.queue.put_nowait(entry)
+
+    def stop(self, reason: str) -> None:
+        """End the stream with a `shutdown` event giving `reason` (the drain calls this)."""
+        self.stopping = reason
+        self.queue.put_nowait(None)
 
 
 class Filter:
@@ -125,10 +138,26 @@ def catch_up_from(
     return [head], [e for e in compacted_catch_up(node.store, since, through) if wanted(e)]
 
 
-def watch_router(node: ReadableNode, max_pending: int = MAX_PENDING) -> APIRouter:
+def shutdown_event(last: int, reason: str) -> bytes:
+    return sse_event(
+        "shutdown",
+        {
+            "last_version": last,
+            "reason": reason,
+            "detail": "this node is stopping and ends the stream; reconnect, to another node "
+            "or to this one once it is back, with since_version=last_version",
+        },
+    )
+
+
+def watch_router(
+    node: ReadableNode, max_pending: int = MAX_PENDING, drain: Drain | None = None
+) -> APIRouter:
     """`GET /watch`; a client more than `max_pending` entries behind (WATCH_MAX_PENDING) is
-    cut off, which bounds what one that never reads can make the node hold."""
+    cut off, which bounds what one that never reads can make the node hold. `drain` ends
+    the streams when the node stops (default: one of the router's own, begun by SIGTERM)."""
     router = APIRouter(tags=["reads"])
+    drain = drain or Drain()
 
     @router.get(
         "/watch",
@@ -149,12 +178,12 @@ def watch_router(node: ReadableNode, max_pending: int = MAX_PENDING) -> APIRoute
         feed = node.changes
         wanted = Filter(key, prefix, grant_of(request))
         since = since_version if since_version is not None else last_event_id
+        subscription = Subscription(wanted, max_pending)
 
         async def stream() -> AsyncIterator[bytes]:
             # Subscribing and reading the ring happen with no await between them, so no
             # entry can fall between the catch-up and the live feed. Both happen here, in
             # the generator, so that its `finally` always unsubscribes.
-            subscription = Subscription(wanted, max_pending)
             feed.subscribe(subscription)
             try:
                 head, catch_up = catch_up_from(node, since, wanted)
@@ -163,9 +192,14 @@ def watch_router(node: ReadableNode, max_pending: int = MAX_PENDING) -> APIRoute
                     yield line
                 last = since or 0
                 for entry in catch_up:
+                    if subscription.stopping is not None:
+                        break
                     last = max(last, entry.version)
                     yield event(entry)
                 while True:
+                    if subscription.stopping is not None:
+                        yield shutdown_event(last, subscription.stopping)
+                        return
                     if subscription.overflowed and subscription.queue.empty():
                         yield sse_event(
                             "overflow",
@@ -178,17 +212,21 @@ def watch_router(node: ReadableNode, max_pending: int = MAX_PENDING) -> APIRoute
                         return
                     try:
                         async with asyncio.timeout(KEEPALIVE_S):
-                            entry = await subscription.queue.get()
+                            live = await subscription.queue.get()
                     except TimeoutError:
                         yield b": keep-alive\n\n"
                         continue
-                    last = max(last, entry.version)
-                    yield event(entry)
+                    if live is None:  # stopping: the loop's first check ends the stream
+                        continue
+                    last = max(last, live.version)
+                    yield event(live)
             finally:
                 feed.unsubscribe(subscription)
 
-        return StreamingResponse(
+        return DrainedStream(
             stream(),
+            drain,
+            subscription.stop,
             media_type="text/event-stream",
             headers={
                 "Cache-Control": "no-cache",
