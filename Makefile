@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SERVICE_STAMP := $(VENV)/.installed-service
 STAMP  := $(VENV)/.installed
 
-.PHONY: docs docs-serve certs run run-ha failover test unit app system integration nemesis lint format analysis staleness clean
+.PHONY: docs docs-serve certs run run-ha failover test unit app system integration partition nemesis lint format analysis staleness clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -61,6 +61,10 @@ system: $(STAMP)
 
 integration: $(STAMP)
 	$(PY) -m pytest test_integration.py $(ARGS)
+
+## partition: HA nodes and etcd in network namespaces, cut and slowed (tests/partition; root, iproute2, nftables)
+partition: $(STAMP)
+	$(PY) -m pytest tests/partition $(ARGS)
 
 ## nemesis: random faults against a real cluster, then a history check (ARGS="--seconds 600 --seed N")
 nemesis: $(STAMP)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-KINDS = ("unit", "app", "system")
+KINDS = ("unit", "app", "system", "partition")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -32,12 +32,16 @@ def assert_nothing_left(prefix: str) -> None:
     assert not left, f"left behind: {left}"
 
 
+def node_root() -> Path:
+    """The checkout whose `kv.ha` the nodes run: KV_PARTITION_ROOT, else this one."""
+    return Path(os.environ.get("KV_PARTITION_ROOT") or ROOT)
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetCluster]:
     """Four HA nodes (W=2, delays 0-20 ms, DATA_DIR each) and a three-member etcd."""
     require_namespaces()
-    root = Path(os.environ.get("KV_PARTITION_ROOT") or ROOT)
-    cluster = NetCluster(tmp_path_factory.mktemp("lab"), nodes=4, etcd_members=3, root=root)
+    cluster = NetCluster(tmp_path_factory.mktemp("lab"), nodes=4, etcd_members=3, root=node_root())
     prefix = cluster.network.prefix
     try:
         cluster.start()
