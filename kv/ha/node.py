@@ -28,6 +28,7 @@ drains its connections, so a successor is elected at once rather than after the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -339,7 +340,11 @@ class HANode:
             unknown,
         )
         if delay:
-            await asyncio.sleep(delay)
+            # Cut short when etcd's watch reports a change: a better-placed peer has won.
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             try:
                 view = await self.etcd.read()
             except EtcdError as exc:
