@@ -115,6 +115,8 @@ class HANode:
         """This process has held everything acknowledged so far: it led after a complete
         start-up read, or a leader vouched for what it holds (applied_through > 0)."""
         self.stepped_down_because: str | None = None
+        self._read_first: list[str] = []
+        """Peers that answered the last campaign's GET /ha, best placed first."""
         self.stale_lease: int | None = None
         """A lease this node held when it could not revoke it: revoked once etcd answers."""
         self.leader_config = settings.leader_settings()
@@ -326,6 +328,10 @@ class HANode:
         self.leader = None
         me, answers = await self._ask_peers()
         reached = [a.name for a in answers.values() if a is not None]
+        # Read first, if promoted, the peers that just answered, the best placed first: a
+        # dead or cut-off peer would cost the start-up read a stall before the next is tried.
+        answered = sorted((a for a in answers.values() if a is not None), key=Candidate.rank)
+        self._read_first = [a.name for a in reversed(answered)]
         refusal = pre_vote(reached, self.startup_reads(), len(self.settings.peers))
         if refusal is not None:
             return refusal
@@ -454,7 +460,12 @@ class HANode:
                 "short), so it does not count itself: its start-up read needs %d peers",
                 reads,
             )
-        config = self.leader_config.model_copy(update={"startup_quorum": reads})
+        peers = self.settings.peers
+        first = [peers[name] for name in self._read_first if name in peers]
+        followers = first + [url for url in peers.values() if url not in first]
+        config = self.leader_config.model_copy(
+            update={"startup_quorum": reads, "followers": followers}
+        )
         node = LeaderNode(
             config,
             shared=self.state,
