@@ -39,9 +39,10 @@ def node_root() -> Path:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetCluster]:
-    """Four HA nodes (W=2, delays 0-20 ms, DATA_DIR each) and a three-member etcd."""
+    """Five HA nodes (W=2, delays 0-20 ms, DATA_DIR each) and a three-member etcd: with one
+    follower cut off and the leader dead, the three left still make W=2."""
     require_namespaces()
-    cluster = NetCluster(tmp_path_factory.mktemp("lab"), nodes=4, etcd_members=3, root=node_root())
+    cluster = NetCluster(tmp_path_factory.mktemp("lab"), nodes=5, etcd_members=3, root=node_root())
     prefix = cluster.network.prefix
     try:
         cluster.start()

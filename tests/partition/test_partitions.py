@@ -132,7 +132,14 @@ async def test_e_the_etcd_member_the_leader_uses_killed_changes_nothing(
 ) -> None:
     outcome = await run(healed, SCENARIOS["etcd-member-killed"])
     assert_safe(outcome)
-    assert_nothing_changes(outcome)
+    if outcome.leader_changed:
+        # The member killed was etcd's own raft leader: etcd's election (a 1 s election
+        # timeout by default, and its leader's lease checks after it) can outlast the 1.5 s
+        # the lease clock leaves our leader, and then the store fails over too: clients may
+        # hear nothing for no longer than a failover takes.
+        assert outcome.max_gap_s <= FAILOVER_S, outcome.describe()
+    else:
+        assert_nothing_changes(outcome)
     assert all(member.running for member in healed.etcd), "the heal starts it again"
 
 
