@@ -268,6 +268,23 @@ class NetCluster:
                 member.start()
         wait_healthy(self.etcd_urls, 30, [m.process for m in self.etcd if m.process])
 
+    def etcd_raft_leader(self) -> str | None:
+        """The member etcd's own Raft elected, as the running members report it."""
+        ids: dict[str, str] = {}
+        leader_id = None
+        with httpx.Client(timeout=1.0, trust_env=False) as client:
+            for member in self.etcd:
+                if not member.running:
+                    continue
+                try:
+                    status = client.post(f"{member.client_url}/v3/maintenance/status", json={})
+                    body = status.json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                ids[str(body["header"]["member_id"])] = member.name
+                leader_id = str(body.get("leader", leader_id))
+        return ids.get(leader_id or "")
+
     def kill_etcd_member(self, name_or_index: str | int) -> None:
         self.etcd_member(name_or_index).kill()
 

@@ -179,10 +179,22 @@ async def cut_from_one_etcd_member(cluster: NetCluster, leader: str, load: Load)
     return Plan(at, list(cluster.names))
 
 
-async def etcd_member_killed(cluster: NetCluster, leader: str, load: Load) -> Plan:
-    """SIGKILL the etcd member the leader talks to now; the other two keep a quorum."""
+async def etcd_follower_member_killed(cluster: NetCluster, leader: str, load: Load) -> Plan:
+    """SIGKILL an etcd member that is not etcd's Raft leader, the one the HA leader talks
+    to if it is one: the other two keep etcd's quorum and its leader."""
+    raft_leader = await asyncio.to_thread(cluster.etcd_raft_leader)
     in_use = await asyncio.to_thread(cluster.etcd_in_use, leader)
-    await asyncio.to_thread(cluster.kill_etcd_member, in_use[0] if in_use else 0)
+    others = [m.name for m in cluster.etcd if m.name != raft_leader]
+    victim = next((m for m in in_use if m != raft_leader), others[0])
+    await asyncio.to_thread(cluster.kill_etcd_member, victim)
+    return Plan(time.monotonic(), list(cluster.names))
+
+
+async def etcd_raft_leader_killed(cluster: NetCluster, leader: str, load: Load) -> Plan:
+    """SIGKILL etcd's Raft leader: etcd elects another (its election timeout is 1 s)
+    while the HA leader's keepalives wait."""
+    raft_leader = await asyncio.to_thread(cluster.etcd_raft_leader)
+    await asyncio.to_thread(cluster.kill_etcd_member, raft_leader or 0)
     return Plan(time.monotonic(), list(cluster.names))
 
 
@@ -207,7 +219,8 @@ SCENARIOS = {
         Scenario("followers-to-leader-dropped", followers_to_leader_dropped, True),
         Scenario("isolated-follower-leader-killed", isolated_follower_then_leader_killed, True),
         Scenario("cut-from-one-etcd-member", cut_from_one_etcd_member, False),
-        Scenario("etcd-member-killed", etcd_member_killed, False),
+        Scenario("etcd-follower-member-killed", etcd_follower_member_killed, False),
+        Scenario("etcd-raft-leader-killed", etcd_raft_leader_killed, False),
         Scenario("slow-leader-links", slow_leader_links, False),
     ]
 }
