@@ -637,13 +637,15 @@ def to_edn(history: History) -> str:
     """The history as Jepsen EDN, one map a line, for Knossos, Elle or Porcupine.
 
     Each event becomes ``{:process P, :type :invoke, :f :write, :key "k", :value v,
-    :time NANOS, :index I}`` (no :key for a single register), plus ours's own fields
+    :time T, :index I}`` (no :key for a single register; T in nanoseconds from the first
+    event for ours, the times as read for the others), plus ours's own fields
     (:version, :if-version, :status, :current-version). Jepsen matches a completion to its
     process's open invocation, and a process whose operation ended unknown invokes nothing
     more, so such a process's later operations get fresh process numbers.
     """
     lines = []
     first = history.events[0].time if history.events else 0.0
+    scale = 1e9 if history.format == "ours" else 1.0  # ours: seconds; else: as read
     fresh = max((e.process for e in history.events), default=-1) + 1
     renamed: dict[Any, int] = {}  # an op's slot -> the process it is exported as
     busy: set[int] = set()  # processes with an open or unknown operation
@@ -667,7 +669,7 @@ def to_edn(history: History) -> str:
         for name, value in event.extra.items():
             if name not in ("time", "index"):
                 fields[Keyword(name.replace("_", "-"))] = value
-        fields[Keyword("time")] = round((event.time - first) * 1e9)
+        fields[Keyword("time")] = round((event.time - first) * scale)
         fields[Keyword("index")] = index
         lines.append(edn(fields))
     return "\n".join(lines) + "\n"

@@ -606,8 +606,9 @@ def test_an_exported_ours_history_gives_unknown_processes_new_numbers() -> None:
     register = History(
         "jepsen-register", read_jepsen_register(SHARED / "jepsen-etcd" / "etcd_000.log").events
     )
-    first = parse_edn(to_edn(register).splitlines()[0])
+    first, second = (parse_edn(line) for line in to_edn(register).splitlines()[:2])
     assert Keyword("key") not in first and first[Keyword("f")] == Keyword("read")
+    assert (first[Keyword("time")], second[Keyword("time")]) == (0, 1)  # the line order
 
 
 # -- against a brute-force search -----------------------------------------------------------
