@@ -6,8 +6,7 @@ one. A `GET /watch` stream never finishes by itself: one client holding it open 
 the node from exiting until it is killed. So a :class:`Drain` knows the streams an app
 serves, and the signal tells each to end now with a final event saying why. A stream still
 open `deadline_s` later (its client does not read, so even the final event cannot be
-written) is cut, and uvicorn is given a deadline of its own for the connections it cannot
-close (:func:`bound_shutdown`).
+written) is cut, and its connection dropped (:func:`abort_connections`).
 
 The signal reaches the drain in front of uvicorn's own handler: a drain's first stream
 (:func:`stop_on_signals`) chains a handler before whatever handles SIGTERM and SIGINT then
@@ -23,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import signal
 import threading
 import weakref
@@ -39,12 +37,12 @@ log = logging.getLogger("kvstore")
 
 DEADLINE_S = 2.0
 """How long a stream may take to send its final event once the node is stopping."""
-GRACE_S = 1.0
-"""After the deadline, how long uvicorn may wait for cut streams' connections to close."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 Stop = Callable[[str], None]
 """Tells one stream to end with a final event giving the reason; it must not block."""
+Client = tuple[Any, ...] | None
+"""A stream's client address, as uvicorn names its connection: (host, port)."""
 
 
 class Drain:
@@ -56,31 +54,34 @@ class Drain:
         """Why the node is stopping; None while it is not."""
         self.cut = 0
         """Streams ended at the deadline rather than by their final event."""
-        self._streams: dict[asyncio.Task[None], Stop] = {}
+        self._streams: dict[asyncio.Task[None], tuple[Stop, Client]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: uvicorn.Server | None = None
 
     @property
     def open(self) -> int:
         return len(self._streams)
 
-    def begin(self, reason: str) -> None:
-        """Tell every stream to end now with `reason`; cut those open after the deadline."""
+    def begin(self, reason: str, server: uvicorn.Server | None = None) -> None:
+        """Tell every stream to end now with `reason`; cut those open after the deadline
+        (and drop their connections, if `server` is the uvicorn serving them)."""
         if self.reason is not None:
             return
         self.reason = reason
-        for stop in list(self._streams.values()):
+        self._server = server
+        for stop, _ in list(self._streams.values()):
             stop(reason)
         if self._streams:
             log.info("the node is stopping: ending %d stream(s)", len(self._streams))
             asyncio.get_running_loop().call_later(self.deadline_s, self._cut)
 
-    def begin_from_signal(self, reason: str) -> None:
+    def begin_from_signal(self, reason: str, server: uvicorn.Server | None) -> None:
         """`begin` from a signal handler, which may run anywhere in the loop's code."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(self.begin, reason)
+            loop.call_soon_threadsafe(self.begin, reason, server)
 
     def _cut(self) -> None:
         if not self._streams:
@@ -92,14 +93,15 @@ class Drain:
             len(self._streams),
             self.deadline_s,
         )
+        abort_connections(self._server, {client for _, client in self._streams.values()})
         for task in list(self._streams):
             task.cancel()
 
-    def _track(self, task: asyncio.Task[None], stop: Stop) -> None:
+    def _track(self, task: asyncio.Task[None], stop: Stop, client: Client) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             stop_on_signals(self)
-        self._streams[task] = stop
+        self._streams[task] = (stop, client)
         if self.reason is not None:  # a stream that began after the signal ends at once
             stop(self.reason)
 
@@ -117,11 +119,11 @@ class DrainedStream(StreamingResponse):
         self.stop = stop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # In a task of its own, so that a cut (cancelling it) ends this call normally:
-        # uvicorn then logs one line rather than a traceback, and closes the connection
-        # (once what it holds for it is written, or at its own deadline: bound_shutdown).
+        # In a task of its own, so that a cut (cancelling it) ends this call normally,
+        # not with a traceback in uvicorn's log.
         task = asyncio.ensure_future(super().__call__(scope, receive, send))
-        self.drain._track(task, self.stop)
+        client = scope.get("client")
+        self.drain._track(task, self.stop, tuple(client) if client else None)
         try:
             await asyncio.wait({task})
         finally:
@@ -149,23 +151,30 @@ class _Chained:
 
     def __call__(self, signum: int, frame: FrameType | None) -> Any:
         reason = f"the node is stopping ({signal.Signals(signum).name})"
-        drains = list(_drains)
-        for drain in drains:
-            drain.begin_from_signal(reason)
+        # uvicorn's handler is its Server's method: the server whose connections a cut drops.
         server = getattr(self.previous, "__self__", None)
-        if isinstance(server, uvicorn.Server) and drains:
-            bound_shutdown(server.config, max(d.deadline_s for d in drains) + GRACE_S)
+        if not isinstance(server, uvicorn.Server):
+            server = None
+        for drain in list(_drains):
+            drain.begin_from_signal(reason, server)
         return self.previous(signum, frame)
 
 
-def bound_shutdown(config: uvicorn.Config, seconds: float) -> None:
-    """Give uvicorn's shutdown a deadline, unless it was given one (--timeout-graceful-
-    shutdown). A cut stream's connection may never close: asyncio closes a socket only
-    once what it has to write is written, and a client that reads nothing never lets it.
-    uvicorn waits for every connection to close, so without a deadline it would wait
-    forever; past this one it goes on with the app's shutdown and exits."""
-    if config.timeout_graceful_shutdown is None:
-        config.timeout_graceful_shutdown = math.ceil(seconds)
+def abort_connections(server: uvicorn.Server | None, clients: set[Client]) -> int:
+    """Drop `server`'s connections to `clients` at once, with what is buffered for them;
+    how many. Closing one is not enough: asyncio closes a socket only once what it has to
+    write is written, which a client that reads nothing never lets happen, and uvicorn
+    waits for every connection to close before it exits (unless it was given
+    --timeout-graceful-shutdown, which would cut every other request too)."""
+    if server is None:
+        return 0
+    dropped = 0
+    for connection in list(server.server_state.connections):
+        transport = getattr(connection, "transport", None)
+        if getattr(connection, "client", None) in clients and transport is not None:
+            transport.abort()
+            dropped += 1
+    return dropped
 
 
 def stop_on_signals(drain: Drain) -> None:

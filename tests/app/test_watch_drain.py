@@ -235,18 +235,40 @@ async def test_nothing_is_chained_where_the_signal_keeps_its_default(
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-@pytest.mark.parametrize(("given", "kept"), [(None, 3), (10, 10)])
-async def test_uvicorn_is_given_a_shutdown_deadline_unless_it_has_one(
-    signal_handlers: None, given: int | None, kept: int
+class FakeTransport:
+    aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@dataclass
+class FakeConnection:
+    """What the drain reads of one of uvicorn's connections: its client and transport."""
+
+    client: tuple[str, int]
+    transport: FakeTransport = field(default_factory=FakeTransport)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+async def test_a_cut_stream_s_connection_is_dropped_and_no_other(
+    signal_handlers: None,
 ) -> None:
-    """A cut stream's connection may never close (its client reads nothing), and uvicorn
-    waits for every connection: its own deadline, the drain's plus GRACE_S, lets it exit."""
-    server = uvicorn.Server(uvicorn.Config(FastAPI(), timeout_graceful_shutdown=given))
+    """asyncio closes a socket only once what it holds for it is written, which a client
+    that reads nothing never lets happen, and uvicorn waits for every connection: the cut
+    stream's connection (found by its client address) must be aborted."""
+    server = uvicorn.Server(uvicorn.Config(FastAPI()))
+    stuck, other = FakeConnection(("127.0.0.1", 50000)), FakeConnection(("127.0.0.1", 50001))
+    server.server_state.connections.update({stuck, other})  # type: ignore[arg-type]
     signal.signal(signal.SIGTERM, server.handle_exit)
-    node, drain = FeedNode(), Drain()
-    async with watching(app_with(node, drain)) as stream:
+    node, drain = FeedNode(), Drain(deadline_s=0.1)
+    async with watching(app_with(node, drain), block_after=1) as stream:  # client :50000
         assert (await stream.body()).startswith(b": watching")
-        signal.raise_signal(signal.SIGTERM)
-        assert shutdown_data(await stream.body())["reason"] == REASON
+        signal.raise_signal(signal.SIGTERM)  # the shutdown event is stuck in send
+        async with asyncio.timeout(2):
+            await stream.call
     assert server.should_exit, "uvicorn's own handler ran"
-    assert server.config.timeout_graceful_shutdown == kept
+    assert drain.cut == 1
+    assert stuck.transport.aborted and not other.transport.aborted

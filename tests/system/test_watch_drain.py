@@ -24,7 +24,8 @@ from tests.support import eventually, require_etcd
 from tools.cluster import HACluster, LocalCluster, Node
 
 EXIT_BOUND_S = DEADLINE_S + 3.0
-"""SIGTERM to exit: the drain's deadline, then uvicorn's own steps and the app's shutdown."""
+"""SIGTERM to exit: the drain's deadline, then uvicorn's own steps and the app's shutdown
+(measured: 0.2 s with watchers that read, 2.05 s with one that never does)."""
 
 
 @pytest.fixture
