@@ -391,16 +391,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60, help="how long to inject faults")
     parser.add_argument("--seed", type=int, default=None, help="replay a schedule (default random)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (4)")
-    parser.add_argument("--ha", action="store_true", help="HA nodes electing through etcd")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--ha", action="store_true", help="HA nodes electing through etcd")
+    mode.add_argument(
+        "--net", action="store_true", help="HA nodes in network namespaces: partitions too"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="--net: the run's folder (default results/nemesis/net-SEED-TIME)"
+    )
+    parser.add_argument("--export-edn", action="store_true", help="--net: history.edn too")
+    parser.add_argument(
+        "--check-timeout", type=float, default=120, help="--net: seconds for the search (120)"
+    )
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     print(f"seed {seed}", flush=True)
+    if args.net:
+        return main_net(args, seed)
     with tempfile.TemporaryDirectory(prefix="kv-nemesis-") as scratch:
         runner = run_ha if args.ha else run
         history, final = asyncio.run(runner(args.seconds, seed, Path(scratch), args.clients))
     anomalies, checked = check(history, final)
     print(summary(history, final, anomalies, checked, seed, args.seconds, args.ha))
     return 1 if anomalies else 0
+
+
+def main_net(args: argparse.Namespace, seed: int) -> int:
+    """`--net`: 0 if linearizable and no anomaly, 1 on either, 2 if the search is undecided."""
+    from tools.linearizability import Verdict
+    from tools.nemesis_net import invariants, linearizable, net_summary, run_net, write_history
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path(__file__).resolve().parent.parent / "results" / "nemesis" / (
+        f"net-{seed}-{stamp}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    run = asyncio.run(run_net(args.seconds, seed, out, args.clients))
+    path = write_history(run, args.export_edn)
+    print(f"history: {path}", flush=True)
+    result = linearizable(run, args.check_timeout)
+    anomalies, checked = invariants(run)
+    text = net_summary(run, result, anomalies, checked, seed, args.seconds)
+    (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    if anomalies or result.verdict is Verdict.ILLEGAL:
+        return 1
+    return 2 if result.verdict is Verdict.UNKNOWN else 0
 
 
 if __name__ == "__main__":
