@@ -72,8 +72,8 @@ class Observations:
     """Every 200 and every 503 that named a version, and every read with a version."""
     acks: list[Answer] = field(default_factory=list)
     """Writes and deletes acknowledged with 200: which node acknowledged which version."""
-    replays: list[tuple[int, int, int | str]] = field(default_factory=list)
-    """(op, version acknowledged, what the repeat with the same key got: version or status)."""
+    replays: list[tuple[int, int, int, Any]] = field(default_factory=list)
+    """(op, version acknowledged, the repeat's status, the version it named if any)."""
     server_errors: list[str] = field(default_factory=list)
     """Any 5xx other than 503."""
     attempts: int = 0
@@ -231,11 +231,8 @@ class Client:
             response = await request.send(self.http, self.target)
         except httpx.HTTPError:
             return
-        body = _json(response)
-        got: int | str = (
-            int(body["version"]) if response.status_code == 200 else response.status_code
-        )
-        self.seen.replays.append((op, version, got))
+        got = _json(response).get("version")  # a 200's, or a 503's that applied it
+        self.seen.replays.append((op, version, response.status_code, got))
 
     def _server_error(self, response: httpx.Response, method: str, key: str) -> None:
         if response.status_code >= 500 and response.status_code != 503:

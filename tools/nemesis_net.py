@@ -70,6 +70,8 @@ class NetRun:
     """Node URL -> when it was wiped (time.monotonic)."""
     final: dict[str, Any] = field(default_factory=dict)
     leader_at_end: str = ""
+    prefix: str = ""
+    """The lab's name prefix: no namespace or link with it may be left after the run."""
 
 
 def inject_net(cluster: NetCluster, rng: random.Random, run: NetRun, started: float) -> None:
@@ -143,6 +145,7 @@ async def run_net(
     run = NetRun(out, HistoryRecorder(), Observations())
     cluster = NetCluster(out / "cluster", nodes=NET_NODES, etcd_members=3, quorum=NET_QUORUM,
                          extra_env={"LOG_LEVEL": "WARNING"}, root=root or ROOT)  # fmt: skip
+    run.prefix = cluster.network.prefix
     with cluster:
         limits = httpx.Limits(max_connections=8)
         timeout = httpx.Timeout(2.0 + 1.5, connect=1.0)
@@ -210,8 +213,8 @@ def invariants(run: NetRun) -> tuple[list[str], int]:
       version or a newer one, or was deleted by a later delete, unless every follower that
       confirmed it was wiped since; the same for acknowledged deletes;
     * every replica equals the leader after quiescence; no 5xx but 503;
-    * no Idempotency-Key applied twice: a write sent again with its key after its 200 got
-      that version back, never a new one;
+    * no Idempotency-Key applied twice: a write sent again with its key after its 200 gets
+      that version back, never a new one, nor a 412 (docs/concepts/consistency.md);
     * never two nodes acknowledging writes in one term (a version's term is its high digits).
     """
     seen = run.seen
@@ -230,10 +233,13 @@ def invariants(run: NetRun) -> tuple[list[str], int]:
             if write[:2] != (answer.key, answer.value):
                 anomalies.append(f"read {answer.key}@{answer.version} = {answer.value!r} "
                                  f"from {answer.node}, but that version was {write}")  # fmt: skip
-    for op, version, got in seen.replays:
-        if got != version and isinstance(got, int):
-            anomalies.append(f"op {op}: its Idempotency-Key was applied again as {got} "
-                             f"after version {version}")  # fmt: skip
+    for op, version, status, got in seen.replays:
+        if got is not None and got != version:
+            anomalies.append(f"op {op}: its Idempotency-Key was applied again as version "
+                             f"{got} (HTTP {status}) after version {version}")  # fmt: skip
+        elif status == 412:
+            anomalies.append(f"op {op}: a repeat with its Idempotency-Key got 412 after "
+                             f"version {version}, not the write it made")  # fmt: skip
     by_term: dict[int, set[str]] = defaultdict(set)
     for ack in seen.acks:
         by_term[term_of(ack.version)].add(ack.node)
