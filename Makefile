@@ -66,7 +66,7 @@ integration: $(STAMP)
 partition: $(STAMP)
 	$(PY) -m pytest tests/partition $(ARGS)
 
-## nemesis: random faults against a real cluster, then a history check (ARGS="--seconds 600 --seed N")
+## nemesis: random faults against a real cluster, then a history check (ARGS="--seconds 600 --seed N"; --ha: HA nodes and etcd; --net: HA nodes in namespaces, partitions too, a linearizability check; root)
 nemesis: $(STAMP)
 	$(PY) tools/nemesis.py $(ARGS)
 

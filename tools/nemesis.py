@@ -3,6 +3,7 @@
     python tools/nemesis.py                          # 60 s, a random seed (printed)
     python tools/nemesis.py --seconds 600 --seed 7   # a long run, replaying seed 7's schedule
     python tools/nemesis.py --ha                     # HA nodes: the leader and etcd faulted too
+    python tools/nemesis.py --net --export-edn       # HA nodes in namespaces: partitions too
 
 It starts a leader and three followers (WRITE_QUORUM 2, so STARTUP_QUORUM 2,
 delays 0..40 ms, every node with a DATA_DIR) on free loopback ports. Clients
@@ -25,6 +26,22 @@ the same delays and DATA_DIRs), the clients write to any node and follow its red
 the leader, and the faults are: SIGKILL or SIGSTOP of the leader's process group (a pause
 of up to 3.5 s, past its lease), SIGKILL or SIGSTOP of etcd, and the same of a follower.
 The checker is the same, with the node that leads at the end in the leader's place.
+
+With `--net` (tools/nemesis_net.py; root, iproute2, nftables) five HA nodes and a
+three-member etcd run in the partition lab (tools/netlab), each in a network namespace of
+its own, and the faults are partitions (a node cut from some peers both ways or one way in
+either direction, isolated, cut from etcd or from one member), node wipes (SIGKILL, DATA_DIR
+deleted, restart), etcd member kills, and SIGKILL or SIGSTOP of a node, one at a time, each
+healed before the next. Its clients (tools/nemesis_clients.py) retry a write with the same
+Idempotency-Key, follow redirects, move to another node on errors, write conditionally
+(`?if_version=`) and read; every operation is recorded with tools/history.py's
+HistoryRecorder. The history is written to the run's folder (`--out`, default
+results/nemesis/net-SEED-TIME) as `history.jsonl` (`ours`; `--export-edn`: history.edn too),
+checked per key for linearizability, and checked for the store's invariants: those above,
+no Idempotency-Key applied twice, and never two nodes acknowledging in one term. Reads stay
+out of the linearizability check (the store promises none for reads; see
+tools/nemesis_clients.py). Exits 1 on a violation (the smallest failing window printed) or
+an anomaly, 2 if the search is undecided.
 
 The schedule of faults and operations comes from the seed; timing on a shared
 machine does not, so two runs of one seed inject the same faults in the same
