@@ -62,6 +62,9 @@ class Answer:
     op: int | None  # None: a read
     holders: tuple[str, ...] = ()
     """A 200's node and the followers it names as having confirmed."""
+    replayed: bool = False
+    """Answered with `Idempotent-Replayed: true`: the write an earlier attempt made, perhaps
+    on an earlier leader in an earlier term, confirmed again by this node."""
 
 
 @dataclass
@@ -187,7 +190,9 @@ class Client:
             if status == 200:
                 version = int(body["version"])
                 confirmed = [d["follower"] for d in body.get("replication", []) if d.get("ok")]
-                answer = Answer(key, value, delete, version, node, 200, op, (node, *confirmed))
+                replayed = response.headers.get("idempotent-replayed") == "true"
+                holders = (node, *confirmed)
+                answer = Answer(key, value, delete, version, node, 200, op, holders, replayed)
                 self.seen.answers.append(answer)
                 self.seen.acks.append(answer)
                 self.known[key] = version

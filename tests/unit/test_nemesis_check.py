@@ -111,6 +111,13 @@ def test_net_two_nodes_acknowledging_in_one_term_is_an_anomaly():
     assert anomalies == [f"term 1 acknowledged by 2 nodes: {sorted([LEADER, OTHER])}"]
 
 
+def test_net_a_replay_of_an_older_terms_version_by_the_next_leader_is_fine():
+    run = net_run(("a", 5, LEADER), ("b", 6, LEADER))
+    retried = run.seen.acks[1]
+    run.seen.acks[1] = Answer("b", "v6", False, 6, OTHER, 200, retried.op, (OTHER,), True)
+    assert invariants(run)[0] == []
+
+
 def test_net_an_acknowledged_write_missing_at_the_end_is_lost():
     anomalies, _ = invariants(net_run(("a", 5, LEADER), store={}))
     assert anomalies == ["acknowledged write lost: a@5 (holds None)"]
