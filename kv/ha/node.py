@@ -335,13 +335,14 @@ class HANode:
         refusal = pre_vote(reached, self.startup_reads(), len(self.settings.peers))
         if refusal is not None:
             return refusal
-        # The node that led last is not waited for: it lost the key, and if it is alive
-        # but cut off, it does not campaign either (pre-vote).
+        # The node that led last is not waited for, answering or not: it lost the key (cut
+        # off from etcd, its lease run out, or stepped down), and its being ahead says only
+        # that it led.
         former = self.elections[-1].leader if self.elections else None
         unknown = [name for name, a in answers.items() if a is None and name != former]
         delay, why = campaign_delay(
             me,
-            [a for a in answers.values() if a is not None],
+            [a for a in answers.values() if a is not None and a.name != former],
             self.settings.campaign_delay_ms / 1000,
             unknown,
         )
