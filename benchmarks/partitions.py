@@ -6,7 +6,7 @@
     python benchmarks/partitions.py --soak 600 --rate-fraction 0.7
     python benchmarks/partitions.py --root /tmp/other        # the nodes run another checkout
 
-Four HA nodes (W=2, delays 0..20 ms, a DATA_DIR each) and a three-member etcd, each in a
+Five HA nodes (W=2, delays 0..20 ms, a DATA_DIR each) and a three-member etcd, each in a
 network namespace of its own (tools/netlab; needs root, iproute2 and nftables). Each run
 heals the cluster, starts the writers, applies the fault, watches for five seconds, heals
 and checks every acknowledged write (tools/writers.py's check). Per scenario it prints the
@@ -103,6 +103,7 @@ async def scenarios(args: argparse.Namespace, workdir: Path) -> int:
     names = args.scenario or list(SCENARIOS)
     results: dict[str, list[Outcome]] = {name: [] for name in names}
     cluster: NetCluster | None = None
+    failed: list[str] = []
     try:
         for n in range(args.runs):
             for name in names:
@@ -132,9 +133,14 @@ async def scenarios(args: argparse.Namespace, workdir: Path) -> int:
     print()
     print(HEADER)
     for name, outcomes in results.items():
-        print(row(name, outcomes, args.window))
+        if outcomes:
+            print(row(name, outcomes, args.window))
+    if failed:
+        print(f"\n{len(failed)} runs could not settle (a fresh cluster followed each):")
+        for line in failed:
+            print(f"- {line[:300]}")
     unsafe = sum(1 for outcomes in results.values() for o in outcomes if not o.verdict.ok)
-    return 1 if unsafe else 0
+    return 1 if unsafe or failed else 0
 
 
 async def soak(args: argparse.Namespace, workdir: Path) -> int:
@@ -197,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fresh", action="store_true", help="a new cluster for every run")
     parser.add_argument("--window", type=float, default=5.0, help="seconds watched per fault")
-    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--etcd-members", type=int, choices=(1, 3), default=3)
     parser.add_argument("--quorum", type=int, default=2, help="WRITE_QUORUM (default 2)")
     parser.add_argument("--max-delay-ms", type=float, default=20)
-    parser.add_argument("--writers", type=int, default=3)
+    parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--rate", type=float, default=150, help="writes/s in all (default 150)")
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout the nodes run")
     parser.add_argument("--soak", type=float, nargs="?", const=600.0, default=None,
