@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -64,6 +65,17 @@ def free_port() -> int:
                 continue
             return int(sock.getsockname()[1])
     raise RuntimeError("no free port found below the ephemeral range")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: one cluster's nodes must never be handed the same one
+    (a follower that took its leader's port would answer the leader's health check)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _ephemeral_low() -> int:
@@ -155,7 +167,8 @@ def die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM it when the launcher dies.
 
     Otherwise a launcher killed without a chance to clean up (SIGKILL, or a test
-    runner's timeout) would leave its nodes running, holding their ports.
+    runner's timeout) would leave its nodes running, holding their ports. Linux sends it
+    when the *thread* that forked the child ends, not the process: hence `_LAUNCHER`.
     """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -163,6 +176,12 @@ def die_with_parent() -> None:
 
 
 PR_SET_PDEATHSIG = 1
+
+# The one thread that forks every child, alive as long as the launcher. A child forked on
+# a short-lived thread, asyncio.to_thread's, was sent SIGTERM when that thread was retired
+# (at the end of the test whose event loop owned it): a node restarted that way died
+# a moment later, silently, and the next test found it gone.
+_LAUNCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="launcher")
 
 
 def spawn(
@@ -178,7 +197,8 @@ def spawn(
     launcher, its output appended to `log_path`, else to the terminal (nowhere if `quiet`)."""
     output = open(log_path, "ab") if log_path else None  # noqa: SIM115
     try:
-        return subprocess.Popen(
+        return _LAUNCHER.submit(
+            subprocess.Popen,
             command,
             cwd=cwd,
             env=None if env is None else {**os.environ, **env},
@@ -186,7 +206,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=die_with_parent,
-        )
+        ).result()
     finally:
         if output is not None:
             output.close()
@@ -318,7 +338,7 @@ class LocalCluster:
 
     def _ports(self) -> list[int]:
         if self.base_port == 0:
-            return [free_port() for _ in range(self.followers + 1)]
+            return free_ports(self.followers + 1)
         return [self.base_port + i for i in range(self.followers + 1)]
 
     def _common_env(self) -> dict[str, str]:
@@ -579,8 +599,7 @@ class PrivateEtcd:
         # tools/certs.py's folder: etcd serves HTTPS with etcd.pem and requires a client
         # certificate the same CA signed (--client-cert-auth). None: plain HTTP.
         self.certs = certs
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.client_port, self.peer_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -698,7 +717,7 @@ class HACluster:
 
     def _ports(self) -> list[int]:
         if self.base_port == 0:
-            return [free_port() for _ in range(self.nodes)]
+            return free_ports(self.nodes)
         return [self.base_port + i for i in range(self.nodes)]
 
     def start(self, timeout: float = 60.0) -> HACluster:
@@ -936,8 +955,8 @@ def wait_for_primary(
 
 
 class ComposeHACluster:
-    """docker compose's `ha` profile, faulted through compose by node name (ha1..ha6):
-    `kill -s SIGKILL`, `kill -s SIGTERM`, `pause`, `unpause`, `start`, and etcd's container."""
+    """docker compose's `ha` profile, faulted by node name (ha1..ha6): SIGKILL and SIGTERM
+    through `docker kill`; `pause`, `unpause`, `start` and etcd's container through compose."""
 
     local = False
 
@@ -945,6 +964,8 @@ class ComposeHACluster:
         self.project = project
         self.nodes = nodes
         self.command = command or default_compose_command()
+        self.docker = os.environ.get("KV_DOCKER_COMMAND", "docker").split()
+        self._containers: dict[str, str] = {}
 
     def _compose(self, *args: str) -> None:
         argv = [*self.command, "-p", self.project, "-f", str(ROOT / "docker-compose.yml"),
@@ -967,11 +988,27 @@ class ComposeHACluster:
     def wait_for_primary(self, timeout: float = 30.0, exclude: Sequence[str] = ()) -> str:
         return wait_for_primary(self, timeout, exclude)
 
+    def _container(self, name: str) -> str:
+        """The container's id, looked up once: `start` and `stop` keep it."""
+        if name not in self._containers:
+            argv = [*self.command, "-p", self.project, "-f", str(ROOT / "docker-compose.yml"),
+                    "--profile", "ha", "ps", "-q", name]  # fmt: skip
+            found = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120)
+            self._containers[name] = found.stdout.strip()
+        return self._containers[name]
+
+    def _signal(self, name: str, signal_name: str) -> None:
+        """Signal the node's process through `docker kill`, whose Go client delivers it in
+        tens of milliseconds; compose v1 takes about a second to start, and a failover
+        test times the failover from before the call."""
+        argv = [*self.docker, "kill", "--signal", signal_name, self._container(name)]
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+
     def kill(self, name: str) -> None:
-        self._compose("kill", "-s", "SIGKILL", name)
+        self._signal(name, "SIGKILL")
 
     def terminate(self, name: str) -> None:
-        self._compose("kill", "-s", "SIGTERM", name)
+        self._signal(name, "SIGTERM")
 
     def wait_stopped(self, name: str, timeout: float = 15.0) -> None:
         self._compose("stop", "-t", str(int(timeout)), name)
