@@ -46,3 +46,16 @@ class LeaseClock:
             f"this node's lease ran out {now - self.deadline:.2f} s ago without a keepalive "
             f"answered: {self.lost_reason}"
         )
+
+
+def keepalive_timeout(remaining_s: float, endpoints: int, longest_s: float = 1.0) -> float:
+    """How long one etcd endpoint may take to answer a keepalive.
+
+    The etcd client tries the endpoints in turn, each for this long. With more than one, a
+    member that no longer answers (cut off, or dead without a reset) may use only half of
+    what is left of the lease, so the next member's answer still arrives in time: given all
+    of it, a leader cut from its member let its lease lapse for a moment before it renewed
+    through another, and refused writes in between. Never under 50 ms, never over
+    `longest_s`."""
+    share = remaining_s / 2 if endpoints > 1 else remaining_s
+    return max(0.05, min(longest_s, share))

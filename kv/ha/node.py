@@ -57,7 +57,7 @@ from kv.ha.decide import (
     pre_vote,
 )
 from kv.ha.etcd import Etcd, EtcdError
-from kv.ha.lease import LeaseClock
+from kv.ha.lease import LeaseClock, keepalive_timeout
 from kv.leader.service import LeaderNode
 from kv.network.tls import client_context
 from kv.settings import HASettings, promoted_startup_quorum
@@ -573,9 +573,10 @@ class HANode:
             await asyncio.sleep(delay)
             sent = self.clock()
             try:
-                ttl = await self.etcd.keepalive(
-                    self.lease_id, timeout=max(0.05, min(1.0, self.lease.remaining(sent)))
+                timeout = keepalive_timeout(
+                    self.lease.remaining(sent), len(self.settings.etcd_endpoints)
                 )
+                ttl = await self.etcd.keepalive(self.lease_id, timeout=timeout)
             except EtcdError as exc:
                 self.etcd_errors["keepalive"] += 1
                 self.etcd_error = str(exc)

@@ -23,7 +23,7 @@ from kv.ha.decide import (
     decide,
     pre_vote,
 )
-from kv.ha.lease import LeaseClock
+from kv.ha.lease import LeaseClock, keepalive_timeout
 from kv.leader.node import LeaderCore
 from kv.settings import HASettings, promoted_startup_quorum
 
@@ -170,6 +170,26 @@ def test_losing_the_lease_refuses_at_once() -> None:
     lease.renewed(10.0, 2)
     lease.lose("handed over")
     assert not lease.valid(10.1) and lease.refusal(10.1) == "handed over"
+
+
+def test_a_keepalive_to_a_dead_member_leaves_time_for_the_next_before_the_lease_lapses() -> None:
+    """Renewed every 0.5 s with a 1.5 s window: 1.0 s is left when the keepalive goes out.
+    A member that never answers may take half; the next answers with the lease still good."""
+    lease = LeaseClock(margin_s=0.5)
+    lease.renewed(10.0, 2)  # good until 11.5
+    sent = 10.5
+    first = keepalive_timeout(lease.remaining(sent), endpoints=3)
+    assert first == 0.5
+    next_answer = sent + first + 0.2  # the second member, 200 ms later
+    assert lease.valid(next_answer)
+    lease.renewed(sent, 2)
+    assert lease.deadline == 12.0
+
+
+def test_one_etcd_endpoint_gets_all_the_time_left_within_bounds() -> None:
+    assert keepalive_timeout(0.8, endpoints=1) == 0.8
+    assert keepalive_timeout(5.0, endpoints=1) == 1.0
+    assert keepalive_timeout(0.0, endpoints=3) == 0.05
 
 
 # -- promotion ----------------------------------------------------------------------------------
