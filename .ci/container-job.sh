@@ -143,7 +143,7 @@ read -r HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_
 export HA1_PORT HA2_PORT HA3_PORT HA4_PORT HA5_PORT HA6_PORT ETCD_PORT HAPROXY_PORT
 export ETCD_IMAGE=kv-ci-base:bookworm HAPROXY_IMAGE=kv-ci-base:bookworm
 # Delays of 0..100 ms, as the local failover tests use: each test times a failover from
-# before the compose command that delivers the fault, which itself takes about a second.
+# before the command that delivers the fault (`docker kill` for SIGKILL and SIGTERM).
 export MAX_DELAY_MS=100
 docker-compose -p "$PROJECT" --profile ha up -d --no-build haproxy
 nodes=""
@@ -176,5 +176,6 @@ while True:
 PY
 log "running the failover tests against the ha profile"
 KV_HA_COMPOSE_PROJECT="$PROJECT" KV_HA_NODES="$nodes" KV_COMPOSE_COMMAND=docker-compose \
+  KV_DOCKER_COMMAND="$DOCKER" \
   timeout 900 "$PYTHON" -m pytest tests/system/test_failover.py -m "not local" -p no:cacheprovider
 log "container job passed"
