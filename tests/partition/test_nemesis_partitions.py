@@ -26,7 +26,7 @@ from tools.nemesis_net import (
     write_history,
 )
 
-SECONDS = float(os.environ.get("KV_NEMESIS_NET_SECONDS", "50"))
+SECONDS = float(os.environ.get("KV_NEMESIS_NET_SECONDS", "30"))
 SEED = int(os.environ.get("KV_NEMESIS_NET_SEED", "20261122"))
 NETWORK_FAULTS = set(NET_FAULTS[:5])
 

@@ -28,7 +28,7 @@ def test_random_faults_under_load_break_no_invariant(tmp_path: Path):
     assert anomalies == []
 
 
-HA_SECONDS = float(os.environ.get("KV_NEMESIS_HA_SECONDS", "40"))
+HA_SECONDS = float(os.environ.get("KV_NEMESIS_HA_SECONDS", "25"))
 
 
 @pytest.mark.slow
