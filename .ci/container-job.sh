@@ -9,7 +9,8 @@
 #      its TLS part again with TLS on (docker-compose.tls.yml over it; tools/certs.py);
 #   7. bring up the `ha` profile (etcd, six HA nodes, haproxy) from the same base, which
 #      debootstrap gave etcd-server and haproxy, and run the failover tests against it
-#      (SIGKILL, SIGTERM, pause and etcd's stop go through compose), and a write through haproxy;
+#      (SIGKILL and SIGTERM through `docker kill`, pause and etcd's stop through compose), and a
+#      write through haproxy;
 #   8. tear everything down, even when a step fails: containers, network, daemon (by PID).
 #
 # Usage: .ci/container-job.sh [path/to/python]   (default .venv/bin/python, made by `make test`)

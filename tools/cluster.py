@@ -967,10 +967,12 @@ class ComposeHACluster:
         self.docker = os.environ.get("KV_DOCKER_COMMAND", "docker").split()
         self._containers: dict[str, str] = {}
 
-    def _compose(self, *args: str) -> None:
+    def _compose(self, *args: str) -> str:
+        """Run compose on the `ha` profile; what it printed."""
         argv = [*self.command, "-p", self.project, "-f", str(ROOT / "docker-compose.yml"),
                 "--profile", "ha", *args]  # fmt: skip
-        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+        done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120)
+        return done.stdout
 
     @property
     def urls(self) -> list[str]:
@@ -991,10 +993,7 @@ class ComposeHACluster:
     def _container(self, name: str) -> str:
         """The container's id, looked up once: `start` and `stop` keep it."""
         if name not in self._containers:
-            argv = [*self.command, "-p", self.project, "-f", str(ROOT / "docker-compose.yml"),
-                    "--profile", "ha", "ps", "-q", name]  # fmt: skip
-            found = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120)
-            self._containers[name] = found.stdout.strip()
+            self._containers[name] = self._compose("ps", "-q", name).strip()
         return self._containers[name]
 
     def _signal(self, name: str, signal_name: str) -> None:
